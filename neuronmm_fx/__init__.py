@@ -1,0 +1,37 @@
+"""neuronmm_fx: compress LLM MLPs with block-aligned SVD and fuse them into NeuronMM kernels.
+
+>>> model = neuronmm_fx.optimize(model, ratio=0.2)
+>>> print(neuronmm_fx.report_of(model))
+"""
+
+from neuronmm_fx import ops  # noqa: F401  (registers the neuronmm custom ops)
+from neuronmm_fx.config import OptimizeConfig
+from neuronmm_fx.errors import (
+    CaptureError,
+    ConfigError,
+    NeuronMMError,
+    NothingToCompressError,
+    UnsupportedModelError,
+)
+from neuronmm_fx.kernels.dispatch import use_standin_kernels
+from neuronmm_fx.modules import CompressedMLP, Factors, LowRankLinear
+from neuronmm_fx.pipeline import optimize, report_of
+from neuronmm_fx.report import OptimizeReport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CaptureError",
+    "CompressedMLP",
+    "ConfigError",
+    "Factors",
+    "LowRankLinear",
+    "NeuronMMError",
+    "NothingToCompressError",
+    "OptimizeConfig",
+    "OptimizeReport",
+    "UnsupportedModelError",
+    "optimize",
+    "report_of",
+    "use_standin_kernels",
+]

@@ -1,0 +1,125 @@
+"""The modules that replace compressed sites in a user's model.
+
+Each holds its factors as ordinary ``nn.Parameter``s (so ``state_dict``, ``to()``, fine-tuning and
+saving work as for any module) and calls one ``neuronmm`` custom op in ``forward``.
+
+Orientation: ``nn.Linear`` stores ``W`` as (out, in) and computes ``x·Wᵀ``.  Here ``u`` is (in, r)
+and ``v`` is (r, out), so ``x·u·v ≈ x·Wᵀ``.  A projection left dense keeps ``u = Wᵀ`` (in, out) and
+has no ``v``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from neuronmm_fx.activations import check_activation
+
+
+@dataclass
+class Factors:
+    """One projection ``x·u·v + bias``; ``v is None`` for a projection kept dense (``u`` is (in, out))."""
+
+    u: torch.Tensor
+    v: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+    @property
+    def in_features(self) -> int:
+        return self.u.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return (self.v if self.v is not None else self.u).shape[1]
+
+    @property
+    def rank(self) -> int | None:
+        return None if self.v is None else self.u.shape[1]
+
+    def numel(self) -> int:
+        return sum(t.numel() for t in (self.u, self.v, self.bias) if t is not None)
+
+    def describe(self) -> str:
+        shape = f"{self.in_features}→{self.out_features}"
+        return f"{shape} dense" if self.rank is None else f"{shape} r={self.rank}"
+
+
+def _param(t: torch.Tensor | None) -> nn.Parameter | None:
+    return None if t is None else nn.Parameter(t.detach().contiguous(), requires_grad=t.requires_grad)
+
+
+class LowRankLinear(nn.Module):
+    """``y = x·u·v + bias`` through ``neuronmm::xuv``; ``u`` (in, r), ``v`` (r, out)."""
+
+    def __init__(self, factors: Factors) -> None:
+        super().__init__()
+        if factors.v is None:
+            raise ValueError("LowRankLinear needs both factors; a dense projection stays an nn.Linear")
+        self.u = _param(factors.u)
+        self.v = _param(factors.v)
+        self.bias = _param(factors.bias)
+
+    @property
+    def in_features(self) -> int:
+        return self.u.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.v.shape[1]
+
+    @property
+    def rank(self) -> int:
+        return self.u.shape[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.neuronmm.xuv(x, self.u, self.v, self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, rank={self.rank}, out={self.out_features}, bias={self.bias is not None}"
+        )
+
+
+class CompressedMLP(nn.Module):
+    """A whole MLP through ``neuronmm::svd_mlp``.
+
+    Gated (``up`` given): ``down(act(gate(x)) ⊙ up(x))`` with parameters ``gate_*``, ``up_*``, ``down_*``.
+    Plain (``up`` None): ``out(act(in(x)))`` with parameters ``in_*`` and ``out_*``.
+    """
+
+    def __init__(self, activation: str, first: Factors, last: Factors, up: Factors | None = None) -> None:
+        super().__init__()
+        self.activation = check_activation(activation)
+        self.gated = up is not None
+        self._roles = ("gate", "up", "down") if self.gated else ("in", "out")
+        for role, factors in zip(
+            self._roles, (first, up, last) if self.gated else (first, last), strict=True
+        ):
+            self.register_parameter(f"{role}_u", _param(factors.u))
+            self.register_parameter(f"{role}_v", _param(factors.v))
+            self.register_parameter(f"{role}_bias", _param(factors.bias))
+
+    def factors(self, role: str) -> Factors:
+        """The ``(u, v, bias)`` of one projection: ``gate``/``up``/``down`` or ``in``/``out``."""
+        if role not in self._roles:
+            raise KeyError(f"{role!r} is not a projection of this MLP (has {', '.join(self._roles)})")
+        return Factors(getattr(self, f"{role}_u"), getattr(self, f"{role}_v"), getattr(self, f"{role}_bias"))
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return self._roles
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first = self.factors(self._roles[0])
+        last = self.factors(self._roles[-1])
+        up = self.factors("up") if self.gated else Factors(None)  # type: ignore[arg-type]
+        return torch.ops.neuronmm.svd_mlp(
+            x, first.u, first.v, first.bias, up.u, up.v, up.bias, last.u, last.v, last.bias, self.activation
+        )
+
+    def extra_repr(self) -> str:
+        parts = [f"{'gated' if self.gated else 'plain'}", self.activation]
+        parts += [f"{role}: {self.factors(role).describe()}" for role in self._roles]
+        return ", ".join(parts)

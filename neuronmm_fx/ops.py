@@ -1,0 +1,233 @@
+"""The ``neuronmm`` custom operators.
+
+``neuronmm::xuv(x, u, v, bias=None)``
+    ``x`` (..., K) · ``u`` (K, r) · ``v`` (r, N) [+ ``bias`` (N,)] → (..., N).  The product of a
+    low-rank chain; the intermediate ``x·u`` (..., r) is what the fused kernel keeps on chip.
+
+``neuronmm::svd_mlp(x, act_u, act_v, act_bias, up_u, up_v, up_bias, down_u, down_v, down_bias, activation)``
+    A whole compressed MLP.  Each projection is a ``(u, v, bias)`` triple; ``v is None`` means the
+    projection was left dense and ``u`` is its full (in, out) matrix.
+
+    * gated form (``up_u`` given):  ``(act(x·Ug·Vg + bg) ⊙ (x·Uu·Vu + bu)) · Ud·Vd + bd``
+    * plain form (``up_u`` None):   ``act(x·U1·V1 + b1) · U2·V2 + b2``
+
+    ``activation`` is one of :data:`neuronmm_fx.activations.ACTIVATION_NAMES`.
+
+Both ops accept float32, bfloat16 and float16.  The PyTorch implementation accumulates in float32
+whatever the input precision and casts the result back to ``x``'s dtype, as the NKI kernels do
+(PSUM is fp32).  Each op has a fake (meta) implementation for ``torch.compile``/``torch.export``,
+an autograd formula (by recomputation, so the factors can be fine-tuned), and dispatches to the NKI
+kernels (:mod:`neuronmm_fx.kernels.dispatch`) when they are selected.  The Neuron device
+implementation is registered by :mod:`neuronmm_fx.kernels` when the SDK is importable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Optional
+
+import torch
+
+from neuronmm_fx.activations import apply_activation, check_activation
+from neuronmm_fx.kernels import dispatch
+
+SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_dtype(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
+    if tensor.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(
+            f"neuronmm: {name} has unsupported dtype {tensor.dtype}; use float32, bfloat16 or float16"
+        )
+    if tensor.dtype != dtype:
+        raise ValueError(
+            f"neuronmm: {name} is {tensor.dtype} but x is {dtype}; all operands must share one dtype"
+        )
+
+
+def _check_projection(
+    name: str,
+    in_features: int,
+    dtype: torch.dtype,
+    u: torch.Tensor,
+    v: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> int:
+    """Validate one ``(u, v, bias)`` projection that reads ``in_features``; return its output width."""
+    _check_dtype(f"{name}_u", u, dtype)
+    if u.dim() != 2 or u.shape[0] != in_features:
+        raise ValueError(f"neuronmm: {name}_u must be ({in_features}, r), got {tuple(u.shape)}")
+    out_features = u.shape[1]
+    if v is not None:
+        _check_dtype(f"{name}_v", v, dtype)
+        if v.dim() != 2 or v.shape[0] != u.shape[1]:
+            raise ValueError(
+                f"neuronmm: {name}_v must be ({u.shape[1]}, N) to follow {name}_u, got {tuple(v.shape)}"
+            )
+        out_features = v.shape[1]
+    if bias is not None:
+        _check_dtype(f"{name}_bias", bias, dtype)
+        if tuple(bias.shape) != (out_features,):
+            raise ValueError(f"neuronmm: {name}_bias must be ({out_features},), got {tuple(bias.shape)}")
+    return out_features
+
+
+def _project(
+    x32: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``x32·u·v + bias`` in float32 (``x32`` already float32)."""
+    y = x32 @ u.float()
+    if v is not None:
+        y = y @ v.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y
+
+
+def xuv_reference(
+    x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """PyTorch semantics of ``neuronmm::xuv``: float32 accumulation, result in ``x.dtype``."""
+    return _project(x.float(), u, v, bias).to(x.dtype)
+
+
+def svd_mlp_reference(
+    x: torch.Tensor,
+    act_u: torch.Tensor,
+    act_v: torch.Tensor | None,
+    act_bias: torch.Tensor | None,
+    up_u: torch.Tensor | None,
+    up_v: torch.Tensor | None,
+    up_bias: torch.Tensor | None,
+    down_u: torch.Tensor,
+    down_v: torch.Tensor | None,
+    down_bias: torch.Tensor | None,
+    activation: str,
+) -> torch.Tensor:
+    """PyTorch semantics of ``neuronmm::svd_mlp``: float32 accumulation, result in ``x.dtype``."""
+    x32 = x.float()
+    hidden = apply_activation(activation, _project(x32, act_u, act_v, act_bias))  # (..., I)
+    if up_u is not None:
+        hidden = hidden * _project(x32, up_u, up_v, up_bias)
+    return _project(hidden, down_u, down_v, down_bias).to(x.dtype)
+
+
+def _xuv_out_features(x, u, v, bias) -> int:
+    _check_dtype("x", x, x.dtype)
+    return _check_projection("xuv", x.shape[-1], x.dtype, u, v, bias)
+
+
+def _svd_mlp_out_features(
+    x, act_u, act_v, act_bias, up_u, up_v, up_bias, down_u, down_v, down_bias, activation
+):
+    _check_dtype("x", x, x.dtype)
+    check_activation(activation)
+    hidden = _check_projection("act", x.shape[-1], x.dtype, act_u, act_v, act_bias)
+    if up_u is not None:
+        up_out = _check_projection("up", x.shape[-1], x.dtype, up_u, up_v, up_bias)
+        if up_out != hidden:
+            raise ValueError(
+                f"neuronmm: gated MLP branches disagree: act branch gives {hidden}, up gives {up_out}"
+            )
+    elif up_v is not None or up_bias is not None:
+        raise ValueError("neuronmm: up_v/up_bias given without up_u")
+    return _check_projection("down", hidden, x.dtype, down_u, down_v, down_bias)
+
+
+@torch.library.custom_op("neuronmm::xuv", mutates_args=())
+def xuv(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:  # noqa: UP045
+    _xuv_out_features(x, u, v, bias)
+    if dispatch.active_mode() == "standin":
+        return dispatch.xuv(x, u, v, bias)
+    return xuv_reference(x, u, v, bias)
+
+
+@xuv.register_fake
+def _xuv_fake(x, u, v, bias=None):
+    out_features = _xuv_out_features(x, u, v, bias)
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.custom_op("neuronmm::svd_mlp", mutates_args=())
+def svd_mlp(
+    x: torch.Tensor,
+    act_u: torch.Tensor,
+    act_v: Optional[torch.Tensor],  # noqa: UP045 - torch.library parses typing.Optional
+    act_bias: Optional[torch.Tensor],  # noqa: UP045
+    up_u: Optional[torch.Tensor],  # noqa: UP045
+    up_v: Optional[torch.Tensor],  # noqa: UP045
+    up_bias: Optional[torch.Tensor],  # noqa: UP045
+    down_u: torch.Tensor,
+    down_v: Optional[torch.Tensor],  # noqa: UP045
+    down_bias: Optional[torch.Tensor],  # noqa: UP045
+    activation: str,
+) -> torch.Tensor:
+    args = (x, act_u, act_v, act_bias, up_u, up_v, up_bias, down_u, down_v, down_bias, activation)
+    _svd_mlp_out_features(*args)
+    if dispatch.active_mode() == "standin":
+        return dispatch.svd_mlp(*args)
+    return svd_mlp_reference(*args)
+
+
+@svd_mlp.register_fake
+def _svd_mlp_fake(x, act_u, act_v, act_bias, up_u, up_v, up_bias, down_u, down_v, down_bias, activation):
+    out_features = _svd_mlp_out_features(
+        x, act_u, act_v, act_bias, up_u, up_v, up_bias, down_u, down_v, down_bias, activation
+    )
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+# --- autograd: recompute the reference and differentiate it -------------------------------------------
+#
+# The forward keeps nothing but its inputs; the backward re-runs the float32 reference under autograd.
+# This is what recovery fine-tuning needs (only the factors train) and it keeps one source of truth
+# for the op's semantics.
+
+
+def _recompute_backward(reference: Callable, ctx, grad_output: torch.Tensor) -> tuple:
+    saved = list(ctx.saved_tensors)
+    tensors = [saved[i] if i is not None else None for i in ctx.tensor_slots]
+    needs = ctx.needs_input_grad
+    with torch.enable_grad():
+        leaves = [
+            t.detach().requires_grad_(True) if t is not None and needs[i] else t
+            for i, t in enumerate(tensors)
+        ]
+        out = reference(*leaves, *ctx.non_tensor_args)
+        wanted = [(i, leaf) for i, leaf in enumerate(leaves) if leaf is not None and needs[i]]
+        grads = torch.autograd.grad(out, [leaf for _, leaf in wanted], grad_output, allow_unused=True)
+    result: list = [None] * (len(tensors) + len(ctx.non_tensor_args))
+    for (i, _), grad in zip(wanted, grads, strict=True):
+        result[i] = grad
+    return tuple(result)
+
+
+def _save_for_recompute(ctx, tensors: Sequence[torch.Tensor | None], non_tensor_args: tuple) -> None:
+    present = [t for t in tensors if t is not None]
+    slots, k = [], 0
+    for t in tensors:
+        slots.append(k if t is not None else None)
+        k += t is not None
+    ctx.save_for_backward(*present)
+    ctx.tensor_slots = slots
+    ctx.non_tensor_args = non_tensor_args
+
+
+def _xuv_setup_context(ctx, inputs, output):
+    _save_for_recompute(ctx, inputs, ())
+
+
+def _xuv_backward(ctx, grad_output):
+    return _recompute_backward(xuv_reference, ctx, grad_output)
+
+
+def _svd_mlp_setup_context(ctx, inputs, output):
+    _save_for_recompute(ctx, inputs[:-1], (inputs[-1],))
+
+
+def _svd_mlp_backward(ctx, grad_output):
+    return _recompute_backward(svd_mlp_reference, ctx, grad_output)
+
+
+xuv.register_autograd(_xuv_backward, setup_context=_xuv_setup_context)
+svd_mlp.register_autograd(_svd_mlp_backward, setup_context=_svd_mlp_setup_context)

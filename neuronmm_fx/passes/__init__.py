@@ -1,0 +1,1 @@
+"""The pass pipeline: capture → canonicalize → match → compress → fuse → lower → dump."""

@@ -1,0 +1,251 @@
+"""``optimize()``: the eager route through the pass pipeline.
+
+capture (torch.export) → canonicalize → match → compress → fuse → lower (install, proven on a real
+run) → dump.  Nothing in the user's model changes until every site has been compressed, fused and
+checked; the install itself is transactional.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from neuronmm_fx.capture import capture, default_example_inputs, linear_modules
+from neuronmm_fx.config import OptimizeConfig
+from neuronmm_fx.errors import NothingToCompressError, UnsupportedModelError
+from neuronmm_fx.ops import SUPPORTED_DTYPES
+from neuronmm_fx.passes import dump
+from neuronmm_fx.passes.canonicalize import Canonicalize
+from neuronmm_fx.passes.compress import TruncatedSVD, compress_site
+from neuronmm_fx.passes.fuse import FusedSite, fuse_site
+from neuronmm_fx.passes.lower import (
+    PER_MATRIX,
+    Installation,
+    attributed_nodes,
+    commit,
+    plan_installation,
+    verify,
+)
+from neuronmm_fx.passes.match import Match, Site
+from neuronmm_fx.report import MatrixReport, OptimizeReport, SiteReport, SkippedSite
+
+log = logging.getLogger("neuronmm_fx")
+
+REPORT_ATTRIBUTE = "neuronmm_report"
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Parameters of the model, each shared tensor counted once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def check_model(model: nn.Module) -> None:
+    """Refuse models ``optimize`` cannot work on, naming the first offending layer."""
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError(f"optimize() takes a torch.nn.Module, got {type(model).__name__}")
+    linears = linear_modules(model)
+    if not linears:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no nn.Linear or Conv1D layers: there is nothing to compress"
+        )
+    for path, module in linears:
+        dtype = module.weight.dtype
+        if not dtype.is_floating_point:
+            raise UnsupportedModelError(
+                f"{path}.weight has dtype {dtype}: neuronmm_fx factors floating-point weights only; an "
+                "integer-quantized model cannot be factored (compress first, quantize afterwards)"
+            )
+        if dtype not in SUPPORTED_DTYPES:
+            raise UnsupportedModelError(
+                f"{path}.weight has unsupported dtype {dtype}: use float32, bfloat16 or float16"
+            )
+
+
+def _selected(path: str, config: OptimizeConfig) -> str | None:
+    """None if the site may be rewritten, else why not."""
+    shown = path or "<root>"
+    if config.include and not any(fnmatch.fnmatchcase(shown, p) for p in config.include):
+        return f"not matched by include={list(config.include)}"
+    for pattern in config.exclude:
+        if fnmatch.fnmatchcase(shown, pattern):
+            return f"excluded by pattern {pattern!r}"
+    return None
+
+
+def _matrix_reports(installation: Installation) -> list[MatrixReport]:
+    fused = installation.fused
+    reports = []
+    for role, result in fused.compressed.items():
+        rank, method, after, reason = result.rank, result.method, result.params_after, result.reason
+        projection = fused.site.projections[role]
+        module = (projection.first or projection.dense).module_path
+        if installation.kind == PER_MATRIX and method != "dense" and module not in installation.per_matrix:
+            rank, method, after = None, "dense", result.params_before
+            reason = "not fused, and its weight is not a whole nn.Linear/Conv1D that could be replaced alone"
+        reports.append(
+            MatrixReport(
+                result.name,
+                role,
+                result.in_features,
+                result.out_features,
+                rank,
+                method,
+                result.params_before,
+                after,
+                reason,
+            )
+        )
+    return reports
+
+
+def _site_report(installation: Installation) -> SiteReport:
+    site = installation.fused.site
+    return SiteReport(
+        site.path,
+        site.pattern,
+        site.activation,
+        installation.kind,
+        sorted(installation.replacements()),
+        _matrix_reports(installation),
+        installation.note,
+    )
+
+
+def optimize(
+    model: nn.Module,
+    ratio: float = 0.2,
+    *,
+    block: int = 128,
+    include: tuple[str, ...] | str = (),
+    exclude: tuple[str, ...] | str = (),
+    method: str = "svd",
+    dump_dir: str | Path | None = None,
+    example_inputs: tuple | None = None,
+    example_kwargs: dict | None = None,
+    verify_sites: bool = True,
+    progress: bool = False,
+) -> nn.Module:
+    """Compress and fuse every MLP and low-rank chain of ``model``; return the model to keep using.
+
+    The model is changed in place (and returned); its class, ``forward`` and ``generate`` stay.  If
+    the whole model is one site (a bare MLP module), the fused module itself is returned instead.
+    The report is attached as ``model.neuronmm_report`` (see :func:`report_of`).  On any error the
+    model is left exactly as it was.  See :class:`~neuronmm_fx.config.OptimizeConfig` for options.
+    """
+    config = OptimizeConfig(
+        ratio=ratio,
+        block=block,
+        include=include,
+        exclude=exclude,
+        method=method,
+        dump_dir=dump_dir,
+        verify=verify_sites,
+        progress=progress,
+    )
+    check_model(model)
+    if example_inputs is None:
+        example_args, default_kwargs = default_example_inputs(model)
+        example_kwargs = default_kwargs if example_kwargs is None else example_kwargs
+    else:
+        example_args = (
+            tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        )
+        example_kwargs = example_kwargs or {}
+    report = OptimizeReport(
+        config.ratio, config.block, config.method, model_params_before=count_parameters(model)
+    )
+
+    captured = capture(model, example_args, example_kwargs)
+    graph_module = captured.graph_module
+    raw = dump.snapshot(graph_module.graph) if config.dump_dir else None
+    canonical = Canonicalize(captured.resolve_param)(graph_module)
+    sites = Match()(graph_module).sites
+    log.info("canonicalized %s; matched %d site(s)", dict(canonical.counts), len(sites))
+
+    chosen: list[Site] = []
+    for site in sites:
+        reason = _selected(site.path, config)
+        if reason is None:
+            chosen.append(site)
+        else:
+            report.skipped.append(SkippedSite(site.path, site.pattern, reason))
+
+    factorize = TruncatedSVD()
+    fused_sites: list[FusedSite] = []
+    for site in tqdm(chosen, desc="compress", unit="site", disable=not config.progress):
+        compressed = compress_site(site, config.ratio, config.block, factorize)
+        if all(c.method == "dense" for c in compressed.values()):
+            reasons = "; ".join(f"{c.name}: {c.reason}" for c in compressed.values())
+            report.skipped.append(
+                SkippedSite(site.path, site.pattern, f"every matrix stays dense ({reasons})")
+            )
+            continue
+        fused_sites.append(fuse_site(site, compressed))
+
+    attributed = attributed_nodes(graph_module.graph)
+    installations = [plan_installation(fused, model, attributed) for fused in fused_sites]
+    if config.verify:
+        installations = verify(installations, model, example_args, example_kwargs, attributed)
+    kept = []
+    for installation in installations:
+        if installation.kind == PER_MATRIX and not installation.per_matrix:
+            site = installation.fused.site
+            report.skipped.append(
+                SkippedSite(
+                    site.path, site.pattern, f"{installation.note}; no matrix could be replaced on its own"
+                )
+            )
+        else:
+            kept.append(installation)
+    if not kept:
+        details = (
+            "; ".join(f"{s.path or '<root>'}: {s.reason}" for s in report.skipped)
+            or "no MLP or low-rank chain"
+        )
+        raise NothingToCompressError(f"nothing to compress in {type(model).__name__}: {details}")
+
+    result = commit(model, kept)
+    report.sites = [_site_report(inst) for inst in kept]
+    report.model_params_after = count_parameters(result)
+    if config.dump_dir:
+        _write_dumps(config.dump_dir, raw, graph_module, kept, report)
+    setattr(result, REPORT_ATTRIBUTE, report)
+    return result
+
+
+def report_of(model: nn.Module) -> OptimizeReport:
+    """The report of the ``optimize()`` call that produced ``model``."""
+    report = getattr(model, REPORT_ATTRIBUTE, None)
+    if report is None:
+        raise ValueError("this model was not produced by neuronmm_fx.optimize()")
+    return report
+
+
+def _write_dumps(dump_dir: Path, raw, graph_module: torch.fx.GraphModule, installations, report) -> None:
+    dump_dir.mkdir(parents=True, exist_ok=True)
+    (dump_dir / "discovery.txt").write_text(str(report) + "\n")
+    canonical = dump.snapshot(graph_module.graph)
+    for index, installation in enumerate(installations):
+        fused = installation.fused
+        site = fused.site
+        folder = dump.site_folder(dump_dir, index, site.path)
+        title = f"{site.pattern} at {site.path or '<root>'}"
+        names = {n.name for n in site.nodes}
+        dump.write(folder, "0_capture", dump.region(raw, site.path), f"{title}: captured by torch.export")
+        dump.write(
+            folder, "1_canonicalize", dump.region(canonical, site.path), f"{title}: after canonicalize"
+        )
+        dump.write(folder, "2_match", dump.region(canonical, site.path), f"{title}: matched nodes", names)
+        dump.write(folder, "3_fuse", dump.snapshot(fused.graph().graph), f"{title}: fused replacement")
+        plan = "\n".join(
+            f"{path or '<root>'} := {type(module).__name__}"
+            for path, module in installation.replacements().items()
+        )
+        (folder / "4_lower.txt").write_text(
+            f"# {title}: installed as {installation.kind}\n{installation.note}\n{plan}\n"
+        )
