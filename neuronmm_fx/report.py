@@ -84,8 +84,8 @@ class OptimizeReport:
             f"(ratio {self.ratio}, block {self.block}, method {self.method})",
         ]
         header = (
-            f"  {'site':<40} {'pattern':<10} {'act':<9} {'install':<10} {'matrix':<44} {'K×N':>11} {'rank':>6} "
-            f"{'params':>19}"
+            f"  {'site':<40} {'pattern':<10} {'act':<9} {'install':<10} {'matrix':<44} "
+            f"{'K×N':>11} {'rank':>6} {'params':>19}"
         )
         if self.sites:
             lines += [header, "  " + "-" * (len(header) - 2)]
@@ -96,7 +96,7 @@ class OptimizeReport:
                 shape = f"{m.in_features}×{m.out_features}"
                 params = f"{m.params_before:>8} → {m.params_after:<8}"
                 lines.append(
-                    f"  {site.path if first else '':<40} {site.pattern if first else '':<10} "
+                    f"  {(site.path or '<root>') if first else '':<40} {site.pattern if first else '':<10} "
                     f"{(site.activation or '-') if first else '':<9} {site.installed if first else '':<10} "
                     f"{_tail(m.name, 44):<44} {shape:>11} {rank:>6} {params:>19}"
                 )

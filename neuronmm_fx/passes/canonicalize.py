@@ -102,7 +102,7 @@ _PROBE_TOLERANCE = 1e-6  # GELU and its tanh approximation differ by ~3e-4 on th
 
 
 def is_linear_module(module: nn.Module) -> bool:
-    """``nn.Linear`` or GPT-2's ``Conv1D`` (recognised by shape of its API, without importing transformers)."""
+    """``nn.Linear`` or GPT-2's ``Conv1D`` (recognised by its API, without importing transformers)."""
     return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
 
 
@@ -121,14 +121,17 @@ class CanonicalizeResult(NamedTuple):
 class Canonicalize(PassBase):
     """Rewrite linear layers, activations and identities into the canonical IR of :mod:`.ir`."""
 
-    def __init__(self, resolve_param: ParamResolver) -> None:
+    def __init__(self, resolve_param: ParamResolver, *, drop_copies: bool = True) -> None:
         super().__init__()
         self.resolve_param = resolve_param
+        # ``clone``/``contiguous`` are identities only in a graph without in-place ops (ATen graphs from
+        # torch.export are functional; Dynamo graphs may mutate a copy): pass False to keep them.
+        self.drop_copies = drop_copies
 
     def call(self, graph_module: fx.GraphModule) -> CanonicalizeResult:
         counts: Counter = Counter()
         graph = graph_module.graph
-        counts["identity"] = _drop_identities(graph_module)
+        counts["identity"] = _drop_identities(graph_module, self.drop_copies)
         counts["dense"] = _canonicalize_linears(graph_module, self.resolve_param)
         counts["activation"] = _canonicalize_activations(graph_module)
         graph.eliminate_dead_code()
@@ -172,9 +175,21 @@ def _identity_input(graph_module: fx.GraphModule, node: fx.Node) -> fx.Node | No
     return None
 
 
-def _drop_identities(graph_module: fx.GraphModule) -> int:
+_COPY_FUNCS = (aten.clone.default, torch.clone)
+_COPY_METHODS = ("contiguous", "clone")
+
+
+def _is_copy(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in _COPY_FUNCS) or (
+        node.op == "call_method" and node.target in _COPY_METHODS
+    )
+
+
+def _drop_identities(graph_module: fx.GraphModule, drop_copies: bool = True) -> int:
     dropped = 0
     for node in list(graph_module.graph.nodes):
+        if not drop_copies and _is_copy(node):
+            continue
         source = _identity_input(graph_module, node)
         if isinstance(source, fx.Node):
             node.replace_all_uses_with(source)

@@ -9,7 +9,7 @@ to install it, tried in this order:
                 ``activation_fn``, ``fc2``; BERT's ``intermediate.dense`` → ``output.dense``): the first
                 step becomes the fused module and the later steps become ``nn.Identity``.
 ``per_matrix``  anything else (a gated product written inline in a bigger module): every compressed
-                ``nn.Linear``/``Conv1D`` is replaced by a :class:`LowRankLinear` on its own (``neuronmm::xuv``);
+                ``nn.Linear``/``Conv1D`` becomes a :class:`LowRankLinear` on its own (``neuronmm::xuv``);
                 the MLP is then compressed but not fused, and the report says so.
 
 Before anything is installed, the model runs once on the example inputs with hooks on the modules
@@ -100,7 +100,7 @@ def _per_matrix_plan(fused: FusedSite, model: nn.Module, attributed) -> dict[str
         infos = [projection.first, projection.second] if projection.is_lowrank else [projection.dense]
         paths = [info.module_path for info in infos]
         if not all(
-            _is_plain_linear(model, path, info, attributed, projection) for path, info in zip(paths, infos)
+            _is_plain_linear(model, path, info, attributed, projection) for path, info in zip(paths, infos, strict=True)
         ):
             continue
         plan[paths[0]] = LowRankLinear(result.factors)
@@ -197,7 +197,7 @@ def _why_not(installation: Installation, calls: dict[str, _Calls]) -> str | None
     with torch.no_grad():
         produced = installation.fused.twin(x)
     if produced.shape != expected.shape:
-        return f"the fused form gives shape {tuple(produced.shape)} where the model gives {tuple(expected.shape)}"
+        return f"the fused form gives shape {tuple(produced.shape)}, the model {tuple(expected.shape)}"
     error = (produced.float() - expected.float()).abs().max().item()
     scale = expected.float().abs().max().item() + 1e-12
     if not error <= _tolerance(expected.dtype) * scale:

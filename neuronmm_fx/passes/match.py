@@ -201,6 +201,17 @@ def _projection(node: object, chains: dict[fx.Node, Projection], role: str) -> P
     return None
 
 
+def _consumer(node: fx.Node, chains: dict[fx.Node, Projection], role: str) -> Projection | None:
+    """The projection that is the only consumer of ``node`` (a chain is entered at its first node)."""
+    user = _only_user(node)
+    if user is None:
+        return None
+    for chain in chains.values():
+        if chain.nodes[0] is user:
+            return _projection(chain.output, chains, role)
+    return _projection(user, chains, role)
+
+
 def _chunk_half(node: fx.Node) -> tuple[fx.Node, int] | None:
     """If ``node`` is half ``i`` of a two-way split of a dense output along its features: (dense, i)."""
     if node.op != "call_function" or node.target is not operator.getitem:
@@ -254,8 +265,7 @@ def _half_projection(node: fx.Node, role: str) -> Projection | None:
 
 
 def _match_gated(mul: fx.Node, chains: dict[fx.Node, Projection]) -> Site | None:
-    down_node = _only_user(mul)
-    down = _projection(down_node, chains, "down")
+    down = _consumer(mul, chains, "down")
     if down is None or down.input is not mul:
         return None
     for act_node, up_node in (mul.args, reversed(mul.args)):
@@ -284,7 +294,7 @@ def _match_plain(act_node: fx.Node, chains: dict[fx.Node, Projection]) -> Site |
     if not isinstance(first_node, fx.Node) or _only_user(first_node) is not act_node:
         return None
     first = _projection(first_node, chains, "in")
-    out = _projection(_only_user(act_node), chains, "out")
+    out = _consumer(act_node, chains, "out")
     if first is None or out is None or out.input is not act_node:
         return None
     nodes = [*first.nodes, act_node, *out.nodes]
