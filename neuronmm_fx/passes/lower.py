@@ -100,7 +100,8 @@ def _per_matrix_plan(fused: FusedSite, model: nn.Module, attributed) -> dict[str
         infos = [projection.first, projection.second] if projection.is_lowrank else [projection.dense]
         paths = [info.module_path for info in infos]
         if not all(
-            _is_plain_linear(model, path, info, attributed, projection) for path, info in zip(paths, infos, strict=True)
+            _is_plain_linear(model, path, info, attributed, projection)
+            for path, info in zip(paths, infos, strict=True)
         ):
             continue
         plan[paths[0]] = LowRankLinear(result.factors)
