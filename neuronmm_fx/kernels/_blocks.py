@@ -1,0 +1,120 @@
+"""Building blocks shared by the kernels (traced into each kernel; plain Python loops).
+
+Notation of the project notes: X is M x K (tokens x features), U is K x r, V is r x N.  On chip, a
+"strip" is a transposed activation block with the contraction dimension of the *next* product on
+partitions: ``strip[p, t, m]`` holds row ``t*128 + p`` of ``(X_blk U)^T`` (or of ``X_blk^T`` for a
+dense projection), token ``m`` of the block.  Such a strip is exactly the stationary operand of the
+next matmul, which is why no transpose instruction is ever issued.
+"""
+
+from __future__ import annotations
+
+from ._nki import nisa, nl
+
+P = 128
+"""Partitions; also the contraction tile and the stationary free size (<= 128)."""
+MOV = 512
+"""Moving free size of one matmul (<= 512) = one 2 KiB PSUM bank of fp32."""
+
+
+def cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def load_x_transposed(x, m0, mw, xt):
+    """``xt[0:kp, kt, 0:mw] = X[m0:m0+mw, kt*128 : kt*128+kp]^T`` for every 128-feature tile kt.
+
+    The transposition is done by the DMA on the way in (``dma_transpose``): features land on
+    partitions, tokens on the free axis.  xt: SBUF (128, ceil(K/128), >= mw)."""
+    K = x.shape[1]
+    for kt in range(cdiv(K, P)):
+        kp = min(P, K - kt * P)
+        nisa.dma_transpose(dst=xt[0:kp, kt, 0:mw], src=x[m0 : m0 + mw, kt * P : kt * P + kp])
+
+
+def strip_from_xt(xt, mw, u, strip, s0, u_tile, acc):
+    """``strip[:, :, s0:s0+mw] = (X_sub U)^T`` over the whole rank, from the loaded ``xt``.
+
+    U tiles (<=128 x <=128) are the stationary operand and ``X_sub^T`` tiles the moving one, so
+    TensorE produces ``(X_sub U)^T`` (rank on partitions) directly: the implicit transposition.
+    Each U tile is loaded once per call and used for all token chunks; the K contraction
+    accumulates in PSUM (fp32), one bank per 512-token chunk (``acc``: PSUM (128, chunks, 512)).
+    ``u_tile``: SBUF (128, 2, 128) double buffer for the streamed U tiles."""
+    K, R = u.shape
+    nk = cdiv(K, P)
+    nchunks = cdiv(mw, MOV)
+    # moving operands x_views[kt][c] = X_sub^T[kt-tile, chunk c]; PSUM targets per chunk
+    x_views = [
+        [xt[0 : min(P, K - kt * P), kt, c * MOV : c * MOV + min(MOV, mw - c * MOV)] for c in range(nchunks)]
+        for kt in range(nk)
+    ]
+    acc_views = [acc[0:P, c, 0 : min(MOV, mw - c * MOV)] for c in range(nchunks)]
+    for rt in range(cdiv(R, P)):
+        rp = min(P, R - rt * P)
+        accs = [a[0:rp] for a in acc_views]
+        for kt in range(nk):
+            kp = min(P, K - kt * P)
+            ut = u_tile[0:kp, (rt * nk + kt) % 2, 0:rp]
+            nisa.dma_copy(dst=ut, src=u[kt * P : kt * P + kp, rt * P : rt * P + rp])
+            for c in range(nchunks):
+                nisa.nc_matmul(accs[c], stationary=ut, moving=x_views[kt][c], accumulate=kt > 0)
+        for c in range(nchunks):
+            cw = min(MOV, mw - c * MOV)
+            # PSUM (fp32) -> SBUF strip in the compute dtype
+            nisa.tensor_copy(dst=strip[0:rp, rt, s0 + c * MOV : s0 + c * MOV + cw], src=acc[0:rp, c, 0:cw])
+
+
+def broadcast_row(row_hbm, bias_bc, ones, row, ps):
+    """``bias_bc[p, :] = row_hbm[0, :]`` for all 128 partitions, via rank-1 matmuls (ones^T . row).
+
+    row_hbm: HBM (1, N); bias_bc: SBUF (128, N); ones: SBUF (1, 128); row: SBUF (1, 512);
+    ps: PSUM (128, 512) scratch bank."""
+    N = row_hbm.shape[1]
+    nisa.memset(ones[0:1, 0:P], 1.0)
+    for j0 in range(0, N, MOV):
+        jw = min(MOV, N - j0)
+        nisa.dma_copy(dst=row[0:1, 0:jw], src=row_hbm[0:1, j0 : j0 + jw])
+        nisa.nc_matmul(ps[0:P, 0:jw], stationary=ones[0:1, 0:P], moving=row[0:1, 0:jw], accumulate=False)
+        nisa.tensor_copy(dst=bias_bc[0:P, j0 : j0 + jw], src=ps[0:P, 0:jw])
+
+
+def stream_second_factor(y, m0, mw, strip, R, w, w_blk, out_ps, out_sb, bias_bc, block_n):
+    """``Y[m0:m0+mw, :] = strip[:, :, 0:mw]^T . W (+ bias)`` with W (R x N) streamed in column blocks.
+
+    For every block of ``block_n`` output columns, the R x block_n slab of W is loaded once into
+    ``w_blk`` (SBUF (128, ceil(R/128), block_n)) and reused by all the token tiles of the block.
+    Each output tile (<=128 tokens x <=512 columns) accumulates the whole R contraction in one PSUM
+    bank (fp32), alternating between two banks (``out_ps``: PSUM (128, 2, 512)) so that the
+    evacuation of one overlaps the next; the epilogue (bias add, cast) runs while evacuating into
+    ``out_sb`` (SBUF (128, 2, 512)), which is then stored to HBM."""
+    N = w.shape[1]
+    nr = cdiv(R, P)
+    rps = [min(P, R - rt * P) for rt in range(nr)]
+    # stationary operands stat[t][rt] = strip[rt-tile, tokens t*128 ...]; the same for every slab
+    stat = [[strip[0 : rps[rt], rt, t0 : t0 + min(P, mw - t0)] for rt in range(nr)] for t0 in range(0, mw, P)]
+    slot = 0
+    for n0 in range(0, N, block_n):
+        bn = min(block_n, N - n0)
+        for rt in range(nr):
+            nisa.dma_copy(dst=w_blk[0 : rps[rt], rt, 0:bn], src=w[rt * P : rt * P + rps[rt], n0 : n0 + bn])
+        # moving operands of this slab: w_cols[j][rt] = W[rt-tile, n0 + j*512 : ...]
+        w_cols = [
+            [w_blk[0 : rps[rt], rt, j0 : j0 + min(MOV, bn - j0)] for rt in range(nr)]
+            for j0 in range(0, bn, MOV)
+        ]
+        for t, t0 in enumerate(range(0, mw, P)):
+            tp = min(P, mw - t0)
+            for j, j0 in enumerate(range(0, bn, MOV)):
+                jw = min(MOV, bn - j0)
+                ps = out_ps[0:tp, slot, 0:jw]
+                for rt in range(nr):
+                    nisa.nc_matmul(ps, stationary=stat[t][rt], moving=w_cols[j][rt], accumulate=rt > 0)
+                ob = out_sb[0:tp, slot, 0:jw]
+                if bias_bc is None:
+                    nisa.tensor_copy(dst=ob, src=ps)
+                else:
+                    nisa.tensor_tensor(
+                        dst=ob, data1=ps, data2=bias_bc[0:tp, n0 + j0 : n0 + j0 + jw], op=nl.add
+                    )
+                nisa.dma_copy(dst=y[m0 + t0 : m0 + t0 + tp, n0 + j0 : n0 + j0 + jw], src=ob)
+                slot = 1 - slot
