@@ -121,23 +121,43 @@ class CanonicalizeResult(NamedTuple):
 class Canonicalize(PassBase):
     """Rewrite linear layers, activations and identities into the canonical IR of :mod:`.ir`."""
 
-    def __init__(self, resolve_param: ParamResolver, *, drop_copies: bool = True) -> None:
+    def __init__(self, resolve_param: ParamResolver, *, functional: bool = True) -> None:
         super().__init__()
         self.resolve_param = resolve_param
-        # ``clone``/``contiguous`` are identities only in a graph without in-place ops (ATen graphs from
-        # torch.export are functional; Dynamo graphs may mutate a copy): pass False to keep them.
-        self.drop_copies = drop_copies
+        # ATen graphs from torch.export are functional.  Dynamo graphs may hold in-place ops: with
+        # ``functional=False``, ``clone``/``contiguous`` are kept (a later in-place op may write into the
+        # copy) and dead-code elimination keeps every node that may mutate an input.
+        self.functional = functional
 
     def call(self, graph_module: fx.GraphModule) -> CanonicalizeResult:
         counts: Counter = Counter()
         graph = graph_module.graph
-        counts["identity"] = _drop_identities(graph_module, self.drop_copies)
+        counts["identity"] = _drop_identities(graph_module, drop_copies=self.functional)
         counts["dense"] = _canonicalize_linears(graph_module, self.resolve_param)
         counts["activation"] = _canonicalize_activations(graph_module)
-        graph.eliminate_dead_code()
+        if self.functional:
+            graph.eliminate_dead_code()
+        else:
+            graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or may_mutate(n))
         graph.lint()
         graph_module.recompile()
         return CanonicalizeResult(graph_module, sum(counts.values()) > 0, counts)
+
+
+def may_mutate(node: fx.Node) -> bool:
+    """Whether ``node`` may write into one of its inputs (in-place method or op, ``setitem``, ``out=``)."""
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("_")
+    if node.op != "call_function":
+        return False
+    if node.target in (operator.setitem, operator.iadd, operator.imul, operator.isub, operator.itruediv):
+        return True
+    if "out" in node.kwargs or node.kwargs.get("inplace") is True:
+        return True
+    if isinstance(node.target, torch._ops.OpOverload):
+        return node.target._schema.is_mutable
+    name = getattr(node.target, "__name__", "")
+    return name.endswith("_") and not name.startswith("_")
 
 
 # --- identities ------------------------------------------------------------------------------------

@@ -1,0 +1,295 @@
+"""torch.compile(backend="neuronmm"): registration, rewrites on Dynamo graphs, options, records, dumps."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+import neuronmm_fx
+from neuronmm_fx import backend, ops
+from neuronmm_fx.modules import CompressedMLP
+from neuronmm_fx.passes.compress import uniform_rank
+
+EAGER = {"compiler": "eager"}
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_qwen3() -> Qwen3ForCausalLM:
+    torch.manual_seed(0)
+    config = Qwen3Config(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=64,
+    )
+    return Qwen3ForCausalLM(config).eval()
+
+
+class SvdLlmLinear(nn.Module):
+    """An SVD-LLM-style factored linear: ``u_proj(v_proj(x))``, ``v_proj`` K→r without bias."""
+
+    def __init__(self, linear: nn.Linear, rank: int) -> None:
+        super().__init__()
+        self.v_proj = nn.Linear(linear.in_features, rank, bias=False)
+        self.u_proj = nn.Linear(rank, linear.out_features, bias=linear.bias is not None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.u_proj(self.v_proj(x))
+
+
+def svd_llm_llama() -> LlamaForCausalLM:
+    """Tiny LLaMA whose MLP projections and o_proj are low-rank pairs, as in an SVD-LLM checkpoint."""
+    model = tiny_llama()
+    torch.manual_seed(1)
+    for layer in model.model.layers:
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            setattr(layer.mlp, name, SvdLlmLinear(getattr(layer.mlp, name), 16))
+        layer.self_attn.o_proj = SvdLlmLinear(layer.self_attn.o_proj, 8)
+    return model
+
+
+IDS = torch.tensor([[3, 17, 42, 99, 5, 64, 127, 8]])
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    backend.clear_records()
+    yield
+    torch._dynamo.reset()
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(ids, use_cache=False).logits
+
+
+def count_op_calls(monkeypatch) -> dict[str, int]:
+    """Count executions of the ops' PyTorch implementations (what runs inside the compiled graph)."""
+    calls = {"xuv": 0, "svd_mlp": 0}
+    xuv_reference, svd_mlp_reference = ops.xuv_reference, ops.svd_mlp_reference
+
+    def xuv(*args):
+        calls["xuv"] += 1
+        return xuv_reference(*args)
+
+    def svd_mlp(*args):
+        calls["svd_mlp"] += 1
+        return svd_mlp_reference(*args)
+
+    monkeypatch.setattr(ops, "xuv_reference", xuv)
+    monkeypatch.setattr(ops, "svd_mlp_reference", svd_mlp)
+    return calls
+
+
+def test_backend_is_registered_by_entry_point_without_importing_the_package():
+    script = (
+        "import sys, torch\n"
+        "assert 'neuronmm' in torch._dynamo.list_backends()\n"
+        "assert 'neuronmm_fx' not in sys.modules\n"
+        "lin = torch.nn.Linear(4, 3)\n"
+        "x = torch.randn(2, 4)\n"
+        "out = torch.compile(lin, backend='neuronmm', options={'compiler': 'eager'})(x)\n"
+        "assert torch.allclose(out, lin(x))\n"
+        "assert 'neuronmm_fx.backend' in sys.modules\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("ok")
+
+
+# Inductor compiles take seconds each on two cores: one model goes through it, the other through "eager".
+@pytest.mark.parametrize(
+    ("make", "compiler"), [(tiny_llama, "inductor"), (tiny_qwen3, "eager")], ids=["llama", "qwen3"]
+)
+def test_optimized_model_compiles_and_keeps_the_ops(make, compiler):
+    model = neuronmm_fx.optimize(make(), ratio=0.05, block=8, method="svd")
+    assert isinstance(model.model.layers[0].mlp, CompressedMLP)
+    expected = logits(model)
+    options = {} if compiler == "inductor" else EAGER  # inductor is the default
+    got = logits(torch.compile(model, backend="neuronmm", options=options))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    (record,) = backend.records()
+    assert record.compiler == compiler
+    assert record.existing["neuronmm::svd_mlp"] == 2
+    assert record.count("svd_mlp") == 2
+    assert "neuronmm.svd_mlp" in record.after
+
+
+def test_dense_model_without_ratio_stays_dense_and_correct():
+    model = tiny_llama()
+    expected = logits(model)
+    got = logits(torch.compile(model, backend="neuronmm", options=EAGER))
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    (record,) = backend.records()
+    assert not record.op_counts and not record.rewrites
+    assert len(record.left_alone) == 2 and all("stays dense" in why for why in record.left_alone)
+    assert "neuronmm" not in record.after.replace("neuronmm.", "")  # no op, only metadata names
+    assert len(record.dense_linears) == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer + lm_head
+
+
+def test_svd_llm_pairs_become_neuronmm_ops_from_the_existing_weights(monkeypatch):
+    model = svd_llm_llama()
+    expected = logits(model)
+    calls = count_op_calls(monkeypatch)
+    assert calls == {"xuv": 0, "svd_mlp": 0}
+    got = logits(torch.compile(model, backend="neuronmm", options=EAGER))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert calls == {"xuv": 2, "svd_mlp": 2}
+    (record,) = backend.records()
+    assert record.count("svd_mlp") == 2 and record.count("xuv") == 2
+    mlps = [r for r in record.rewrites if r.op == backend.SVD_MLP]
+    assert {r.path for r in mlps} == {"model.layers.0.mlp", "model.layers.1.mlp"}
+    assert all(set(r.methods.values()) == {"existing"} and set(r.ranks.values()) == {16} for r in mlps)
+    assert record.frozen_inputs == 0
+    assert "get_attr" not in record.after  # built from the weight placeholders: no new tensors
+
+
+def test_graph_break_still_fuses_every_mlp_and_the_dump_says_where(monkeypatch, tmp_path):
+    model = svd_llm_llama()
+    model.model.layers[1].register_forward_pre_hook(lambda module, args: torch._dynamo.graph_break())
+    expected = logits(model)
+    calls = count_op_calls(monkeypatch)
+    options = {**EAGER, "dump_dir": str(tmp_path)}
+    got = logits(torch.compile(model, backend="neuronmm", options=options))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    records = backend.records()
+    assert len(records) >= 2  # the break split the forward
+    assert calls["svd_mlp"] == 2  # each layer's MLP ran fused
+    rewritten = [r for record in records for r in record.rewrites if r.op == backend.SVD_MLP]
+    assert rewritten and all(r.pattern == "gated_mlp" for r in rewritten)
+
+    summary = (tmp_path / "summary.txt").read_text()
+    for record in records:
+        folder = tmp_path / f"graph_{record.index:03d}"
+        assert (folder / "0_dynamo.txt").exists() and (folder / "1_neuronmm.dot").exists()
+        assert f"graph {record.index:03d} [{record.compile_id}]" in summary
+    fused = next(r for r in records if r.rewrites)
+    after = (tmp_path / f"graph_{fused.index:03d}" / "1_neuronmm.txt").read_text()
+    assert "neuronmm.svd_mlp" in after and "neuronmm.xuv" in after
+    before = (tmp_path / f"graph_{fused.index:03d}" / "0_dynamo.txt").read_text()
+    assert "neuronmm.svd_mlp" not in before
+    assert "rewrote gated_mlp at " in summary and "-> neuronmm::svd_mlp" in summary
+
+
+def truncated(model: nn.Module, ratio: float, block: int) -> nn.Module:
+    """A copy whose MLP weights are replaced by their uniform-rank truncated SVD reconstructions."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                linear = getattr(layer.mlp, name)
+                rank = uniform_rank(linear.in_features, linear.out_features, ratio, block).rank
+                left, singular, right_t = torch.linalg.svd(linear.weight.t(), full_matrices=False)
+                linear.weight.copy_(((left[:, :rank] * singular[:rank]) @ right_t[:rank]).t())
+    return model
+
+
+def test_ratio_compresses_on_the_fly(monkeypatch):
+    model = tiny_llama()
+    expected = logits(truncated(model, 0.05, 8))
+    assert (expected - logits(model)).abs().max() > 1e-3  # the compression is visible
+    calls = count_op_calls(monkeypatch)
+    options = {**EAGER, "ratio": 0.05, "block": 8}
+    got = logits(torch.compile(model, backend="neuronmm", options=options))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert calls["svd_mlp"] == 2
+    (record,) = backend.records()
+    assert record.count("svd_mlp") == 2 and record.frozen_inputs == 2 * 3 * 2
+    assert all(set(r.methods.values()) == {"svd"} for r in record.rewrites)
+    assert sum(isinstance(m, CompressedMLP) for m in model.modules()) == 0
+
+
+def test_ratio_refuses_a_weight_changed_after_compile():
+    model = tiny_llama()
+    compiled = torch.compile(model, backend="neuronmm", options={**EAGER, "ratio": 0.05, "block": 8})
+    logits(compiled)
+    with torch.no_grad():
+        model.model.layers[0].mlp.gate_proj.weight.mul_(2.0)
+    with pytest.raises(RuntimeError, match="changed after it was compressed"):
+        logits(compiled)
+
+
+def test_ratio_refuses_training_mode_and_points_to_optimize():
+    model = tiny_llama()
+    compiled = torch.compile(model, backend="neuronmm", options={**EAGER, "ratio": 0.05, "block": 8})
+    with pytest.raises(Exception, match=r"freezing semantics.*neuronmm_fx\.optimize"):
+        compiled(IDS, use_cache=False)  # grad mode on, weights require grad
+
+
+def test_plain_lowrank_mlp_and_lone_chain():
+    torch.manual_seed(0)
+    # a plain MLP whose first projection is a low-rank pair, then a lone chain reading the MLP's output
+    model = nn.Sequential(
+        nn.Linear(32, 4, bias=False),
+        nn.Linear(4, 48),
+        nn.GELU(),
+        nn.Linear(48, 32),
+        nn.Linear(32, 3, bias=False),
+    )
+    model.append(nn.Linear(3, 40))
+    x = torch.randn(5, 32)
+    expected = model(x)
+    got = torch.compile(model, backend="neuronmm", options=EAGER)(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    (record,) = backend.records()
+    patterns = sorted(r.pattern for r in record.rewrites)
+    assert patterns == ["lowrank", "plain_mlp"]
+    plain = next(r for r in record.rewrites if r.pattern == "plain_mlp")
+    assert plain.methods == {"in": "existing", "out": "dense"}
+
+
+def test_clone_before_an_inplace_op_is_kept():
+    weight = nn.Parameter(torch.randn(6, 4))
+
+    def f(x):
+        y = x.clone()
+        y.add_(1.0)
+        return torch.nn.functional.linear(x, weight) + y.sum()
+
+    x = torch.randn(3, 4)
+    expected = f(x.clone())
+    got = torch.compile(f, backend="neuronmm", options=EAGER)(x)
+    torch.testing.assert_close(got, expected)
+
+
+def test_unknown_option_and_missing_neuron_compiler_are_refused():
+    lin = nn.Linear(4, 3)
+    with pytest.raises(Exception, match="unknown option.*compiler, dump_dir, ratio"):
+        torch.compile(lin, backend="neuronmm", options={"bogus": 1})(torch.randn(2, 4))
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="TorchNeuron"):
+        torch.compile(lin, backend="neuronmm", options={"compiler": "neuron"})(torch.randn(2, 4))
+    with pytest.raises(neuronmm_fx.ConfigError, match="ratio"):
+        backend.BackendOptions.from_dict({"ratio": 1.5})
+
+
+def test_source_paths_are_cleaned():
+    assert backend.clean_source_path("L['args'][0].model.layers[0].mlp") == "model.layers.0.mlp"
+    assert backend.clean_source_path("L['self'].mlp.up_proj") == "mlp.up_proj"
+    name = "l_args_0_modules_model_modules_layers_modules_0_modules_mlp_modules_gate_proj_parameters_weight_"
+    assert backend.parameter_path(name) == "model.layers.0.mlp.gate_proj.weight"
