@@ -9,7 +9,8 @@ from pathlib import Path
 
 from neuronmm_fx.errors import ConfigError
 
-METHODS = ("svd",)
+METHODS = ("auto", "svd", "whiten")
+ALLOCATIONS = ("uniform", "global")
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,13 @@ class OptimizeConfig:
     include: ``fnmatch`` patterns on a site's module path; only matching sites are rewritten
              (empty: every site).
     exclude: ``fnmatch`` patterns on a site's module path; matching sites are left alone.
-    method:  how dense matrices are factored (``"svd"``: truncated SVD of the weight).
+    method:  how dense matrices are factored: ``"whiten"`` (SVD-LLM: SVD of the weight whitened by its
+             calibration inputs), ``"svd"`` (plain truncated SVD of the weight), or ``"auto"``: whiten
+             when calibration data is given or the model can generate its own, else plain SVD.
+    allocation: ``"uniform"`` (the per-matrix rank rule) or ``"global"`` (aligned ranks spread over
+             all matrices by measured loss so that the MLPs as a whole lose ``ratio`` of their parameters).
+    calibration_tokens: at most this many calibration tokens are used.
+    calibration_seq_len: texts are cut into sequences of this many tokens.
     dump_dir: where to write each site's graph before and after every pass (text and DOT).
     verify:  before installing a rewrite, check that its uncompressed form reproduces the module it
              replaces on the example inputs; a site that fails is skipped with the reason.
@@ -33,7 +40,10 @@ class OptimizeConfig:
     block: int = 128
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
-    method: str = "svd"
+    method: str = "auto"
+    allocation: str = "uniform"
+    calibration_tokens: int = 32768
+    calibration_seq_len: int = 512
     dump_dir: Path | None = None
     verify: bool = True
     progress: bool = False
@@ -51,6 +61,14 @@ class OptimizeConfig:
             raise ConfigError(f"block must be a positive integer (rank alignment), got {block!r}")
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.allocation not in ALLOCATIONS:
+            raise ConfigError(
+                f"unknown allocation {self.allocation!r}: choose one of {', '.join(ALLOCATIONS)}"
+            )
+        for name in ("calibration_tokens", "calibration_seq_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         for name in ("include", "exclude"):
             patterns = getattr(self, name)
             if isinstance(patterns, str):

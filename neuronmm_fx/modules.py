@@ -47,7 +47,7 @@ class Factors:
 
 
 def _param(t: torch.Tensor | None) -> nn.Parameter | None:
-    return None if t is None else nn.Parameter(t.detach().contiguous(), requires_grad=t.requires_grad)
+    return None if t is None else nn.Parameter(t.detach().contiguous())
 
 
 class LowRankLinear(nn.Module):

@@ -7,21 +7,27 @@ checked; the install itself is transactional.
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import logging
+import time
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from neuronmm_fx.calibration import can_generate
+from neuronmm_fx.calibration import prepare as prepare_calibration
 from neuronmm_fx.capture import capture, default_example_inputs, linear_modules
 from neuronmm_fx.config import OptimizeConfig
-from neuronmm_fx.errors import NothingToCompressError, UnsupportedModelError
+from neuronmm_fx.errors import ConfigError, NothingToCompressError, UnsupportedModelError
+from neuronmm_fx.finetune import FinetuneConfig
+from neuronmm_fx.finetune import finetune as run_finetune
 from neuronmm_fx.ops import SUPPORTED_DTYPES
 from neuronmm_fx.passes import dump
 from neuronmm_fx.passes.canonicalize import Canonicalize
-from neuronmm_fx.passes.compress import TruncatedSVD, compress_site
+from neuronmm_fx.passes.compress import compress_site
 from neuronmm_fx.passes.fuse import FusedSite, fuse_site
 from neuronmm_fx.passes.lower import (
     PER_MATRIX,
@@ -33,6 +39,7 @@ from neuronmm_fx.passes.lower import (
 )
 from neuronmm_fx.passes.match import Match, Site
 from neuronmm_fx.report import MatrixReport, OptimizeReport, SiteReport, SkippedSite
+from neuronmm_fx.strategy import plan
 
 log = logging.getLogger("neuronmm_fx")
 
@@ -77,7 +84,7 @@ def _selected(path: str, config: OptimizeConfig) -> str | None:
     return None
 
 
-def _matrix_reports(installation: Installation) -> list[MatrixReport]:
+def _matrix_reports(installation: Installation, method_reasons: dict[str, str]) -> list[MatrixReport]:
     fused = installation.fused
     reports = []
     for role, result in fused.compressed.items():
@@ -98,12 +105,13 @@ def _matrix_reports(installation: Installation) -> list[MatrixReport]:
                 result.params_before,
                 after,
                 reason,
+                method_reasons.get(role, ""),
             )
         )
     return reports
 
 
-def _site_report(installation: Installation) -> SiteReport:
+def _site_report(installation: Installation, method_reasons: dict[str, str]) -> SiteReport:
     site = installation.fused.site
     return SiteReport(
         site.path,
@@ -111,7 +119,7 @@ def _site_report(installation: Installation) -> SiteReport:
         site.activation,
         installation.kind,
         sorted(installation.replacements()),
-        _matrix_reports(installation),
+        _matrix_reports(installation, method_reasons),
         installation.note,
     )
 
@@ -123,12 +131,18 @@ def optimize(
     block: int = 128,
     include: tuple[str, ...] | str = (),
     exclude: tuple[str, ...] | str = (),
-    method: str = "svd",
+    method: str = "auto",
+    allocation: str = "uniform",
+    calibration=None,
+    tokenizer=None,
+    calibration_tokens: int = 32768,
+    calibration_seq_len: int = 512,
     dump_dir: str | Path | None = None,
     example_inputs: tuple | None = None,
     example_kwargs: dict | None = None,
     verify_sites: bool = True,
     progress: bool = False,
+    finetune: FinetuneConfig | None = None,
 ) -> nn.Module:
     """Compress and fuse every MLP and low-rank chain of ``model``; return the model to keep using.
 
@@ -143,11 +157,18 @@ def optimize(
         include=include,
         exclude=exclude,
         method=method,
+        allocation=allocation,
+        calibration_tokens=calibration_tokens,
+        calibration_seq_len=calibration_seq_len,
         dump_dir=dump_dir,
         verify=verify_sites,
         progress=progress,
     )
     check_model(model)
+    if finetune is not None and not can_generate(model):
+        raise ConfigError(
+            "finetune= distils a causal language model's next-token distribution; this model has none"
+        )
     if example_inputs is None:
         example_args, default_kwargs = default_example_inputs(model)
         example_kwargs = default_kwargs if example_kwargs is None else example_kwargs
@@ -157,14 +178,20 @@ def optimize(
         )
         example_kwargs = example_kwargs or {}
     report = OptimizeReport(
-        config.ratio, config.block, config.method, model_params_before=count_parameters(model)
+        config.ratio,
+        config.block,
+        config.method,
+        allocation=config.allocation,
+        model_params_before=count_parameters(model),
     )
 
+    started = time.perf_counter()
     captured = capture(model, example_args, example_kwargs)
     graph_module = captured.graph_module
     raw = dump.snapshot(graph_module.graph) if config.dump_dir else None
     canonical = Canonicalize(captured.resolve_param)(graph_module)
     sites = Match()(graph_module).sites
+    report.timings["capture_and_match_s"] = time.perf_counter() - started
     log.info("canonicalized %s; matched %d site(s)", dict(canonical.counts), len(sites))
 
     chosen: list[Site] = []
@@ -175,18 +202,29 @@ def optimize(
         else:
             report.skipped.append(SkippedSite(site.path, site.pattern, reason))
 
-    factorize = TruncatedSVD()
+    started = time.perf_counter()
+    strategy = plan(model, chosen, config, calibration, tokenizer)
+    report.calibration = strategy.calibration_note
     fused_sites: list[FusedSite] = []
-    for site in tqdm(chosen, desc="compress", unit="site", disable=not config.progress):
-        compressed = compress_site(site, config.ratio, config.block, factorize)
+    method_reasons: dict[int, dict[str, str]] = {}
+    for site, site_plan in tqdm(
+        list(zip(chosen, strategy.plans, strict=True)),
+        desc="compress",
+        unit="site",
+        disable=not config.progress,
+    ):
+        compressed = compress_site(site, site_plan.decisions, site_plan.factorizers)
         if all(c.method == "dense" for c in compressed.values()):
             reasons = "; ".join(f"{c.name}: {c.reason}" for c in compressed.values())
             report.skipped.append(
                 SkippedSite(site.path, site.pattern, f"every matrix stays dense ({reasons})")
             )
             continue
+        method_reasons[id(site)] = site_plan.method_reasons
         fused_sites.append(fuse_site(site, compressed))
 
+    report.timings["calibration_s"] = strategy.calibration_seconds
+    report.timings["factorization_s"] = time.perf_counter() - started - strategy.calibration_seconds
     attributed = attributed_nodes(graph_module.graph)
     installations = [plan_installation(fused, model, attributed) for fused in fused_sites]
     if config.verify:
@@ -209,8 +247,29 @@ def optimize(
         )
         raise NothingToCompressError(f"nothing to compress in {type(model).__name__}: {details}")
 
-    result = commit(model, kept)
-    report.sites = [_site_report(inst) for inst in kept]
+    teacher, tuning_data = None, None
+    if finetune is not None:  # everything fine-tuning needs is ready before the model changes
+        tuning_data, missing = (
+            (strategy.calibration, "")
+            if strategy.calibration
+            else prepare_calibration(
+                model, calibration, tokenizer, config.calibration_seq_len, config.calibration_tokens
+            )
+        )
+        if tuning_data is None:
+            raise ConfigError(f"finetune= needs calibration tokens: {missing}")
+        teacher = copy.deepcopy(model)
+    result, undo = commit(model, kept)
+    if finetune is not None:
+        try:
+            tuned = run_finetune(result, teacher, tuning_data.batches, finetune)
+        except BaseException:
+            undo()
+            raise
+        report.timings["finetune_s"] = tuned.seconds
+        report.finetune = {"steps": tuned.steps, "first_loss": tuned.losses[0], "last_loss": tuned.losses[-1]}
+        del teacher
+    report.sites = [_site_report(inst, method_reasons[id(inst.fused.site)]) for inst in kept]
     report.model_params_after = count_parameters(result)
     if config.dump_dir:
         _write_dumps(config.dump_dir, raw, graph_module, kept, report)

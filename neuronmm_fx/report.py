@@ -19,6 +19,7 @@ class MatrixReport:
     params_before: int
     params_after: int
     reason: str = ""  # why it stayed dense
+    method_note: str = ""  # why this factorization method was used
 
 
 @dataclass
@@ -58,10 +59,14 @@ class OptimizeReport:
     ratio: float
     block: int
     method: str
+    allocation: str = "uniform"
+    calibration: str = ""
     sites: list[SiteReport] = field(default_factory=list)
     skipped: list[SkippedSite] = field(default_factory=list)
     model_params_before: int = 0
     model_params_after: int = 0
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
+    finetune: dict = field(default_factory=dict)  # steps and first/last distillation loss, if fine-tuned
 
     @property
     def params_removed(self) -> int:
@@ -81,8 +86,10 @@ class OptimizeReport:
     def __str__(self) -> str:
         lines = [
             f"neuronmm_fx: {len(self.sites)} site(s) rewritten, {len(self.skipped)} skipped "
-            f"(ratio {self.ratio}, block {self.block}, method {self.method})",
+            f"(ratio {self.ratio}, block {self.block}, method {self.method}, allocation {self.allocation})",
         ]
+        if self.calibration:
+            lines.append(f"  factorization: {self.calibration}")
         header = (
             f"  {'site':<40} {'pattern':<10} {'act':<9} {'install':<10} {'matrix':<44} "
             f"{'K×N':>11} {'rank':>6} {'params':>19}"
@@ -100,6 +107,8 @@ class OptimizeReport:
                     f"{(site.activation or '-') if first else '':<9} {site.installed if first else '':<10} "
                     f"{_tail(m.name, 44):<44} {shape:>11} {rank:>6} {params:>19}"
                 )
+                if m.method == "svd" and m.method_note.startswith("plain SVD: its input"):
+                    lines.append(f"  {'':<40} {'':<10} {'':<9} {'':<10}   method: {m.method_note}")
                 if m.reason:
                     lines.append(f"  {'':<40} {'':<10} {'':<9} {'':<10}   left dense: {m.reason}")
             if site.note:
@@ -107,6 +116,15 @@ class OptimizeReport:
         if self.skipped:
             lines.append("  skipped:")
             lines += [f"    {s.path or '<root>'} ({s.pattern}): {s.reason}" for s in self.skipped]
+        if self.finetune:
+            lines.append(
+                f"  fine-tuned {self.finetune['steps']} steps: distillation KL "
+                f"{self.finetune['first_loss']:.4f} → {self.finetune['last_loss']:.4f}"
+            )
+        if self.timings:
+            lines.append(
+                "  time: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in self.timings.items())
+            )
         before, after = self.model_params_before, self.model_params_after
         if before:
             lines.append(

@@ -23,6 +23,7 @@ Guarantees: :func:`commit` either installs every replacement or, on any error, r
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -232,21 +233,28 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> nn.Module:
     return old
 
 
-def commit(model: nn.Module, installations: list[Installation]) -> nn.Module:
-    """Install every replacement; on failure restore the model and re-raise.  Returns the new root."""
+def commit(model: nn.Module, installations: list[Installation]) -> tuple[nn.Module, Callable[[], None]]:
+    """Install every replacement; on failure restore the model and re-raise.
+
+    Returns the new root and a function that undoes the whole install (for a later step that fails).
+    """
     replacements: dict[str, nn.Module] = {}
     for installation in installations:
         replacements.update(installation.replacements())
     if "" in replacements:  # the whole model is one site: the fused module becomes the model
         if len(replacements) != 1:
             raise RuntimeError("neuronmm_fx: a root replacement cannot be combined with other rewrites")
-        return replacements[""]
+        return replacements[""], lambda: None
     undo: list[tuple[str, nn.Module]] = []
+
+    def restore() -> None:
+        for path, old in reversed(undo):
+            _set_submodule(model, path, old)
+
     try:
         for path in sorted(replacements, key=lambda p: p.count("."), reverse=True):
             undo.append((path, _set_submodule(model, path, replacements[path])))
     except BaseException:
-        for path, old in reversed(undo):
-            _set_submodule(model, path, old)
+        restore()
         raise
-    return model
+    return model, restore
