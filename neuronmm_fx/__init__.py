@@ -5,6 +5,7 @@
 """
 
 from neuronmm_fx import ops  # noqa: F401  (registers the neuronmm custom ops)
+from neuronmm_fx.checkpoint import load_compressed, save_compressed
 from neuronmm_fx.config import OptimizeConfig
 from neuronmm_fx.errors import (
     CaptureError,
@@ -13,6 +14,7 @@ from neuronmm_fx.errors import (
     NothingToCompressError,
     UnsupportedModelError,
 )
+from neuronmm_fx.finetune import FinetuneConfig, finetune
 from neuronmm_fx.kernels.dispatch import use_standin_kernels
 from neuronmm_fx.modules import CompressedMLP, Factors, LowRankLinear
 from neuronmm_fx.pipeline import optimize, report_of
@@ -25,13 +27,17 @@ __all__ = [
     "CompressedMLP",
     "ConfigError",
     "Factors",
+    "FinetuneConfig",
     "LowRankLinear",
     "NeuronMMError",
     "NothingToCompressError",
     "OptimizeConfig",
     "OptimizeReport",
     "UnsupportedModelError",
+    "finetune",
+    "load_compressed",
     "optimize",
     "report_of",
+    "save_compressed",
     "use_standin_kernels",
 ]

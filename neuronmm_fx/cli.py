@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 import neuronmm_fx
+from neuronmm_fx.config import ALLOCATIONS, METHODS
 from neuronmm_fx.errors import NeuronMMError
 
 
@@ -24,6 +25,14 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block", type=int, default=128, help="rank alignment (128 = Trainium partitions)")
     parser.add_argument("--include", action="append", default=[], metavar="GLOB", help="only sites matching")
     parser.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="skip sites matching")
+    parser.add_argument("--method", choices=METHODS, default="auto", help="factorization (default: auto)")
+    parser.add_argument("--allocation", choices=ALLOCATIONS, default="uniform", help="rank allocation rule")
+    parser.add_argument("--calibration-text", type=Path, metavar="FILE", help="calibrate on this text file")
+    parser.add_argument("--calibration-tokens", type=int, default=16384, help="at most this many tokens")
+    parser.add_argument("--finetune-steps", type=int, default=0, help="recovery fine-tuning steps (0: none)")
+    parser.add_argument(
+        "--save", type=Path, metavar="DIR", help="save the compressed model (safetensors + recipe)"
+    )
     parser.add_argument("--dump-dir", type=Path, help="write every site's graphs before/after each pass here")
     parser.add_argument("--report-json", type=Path, help="also write the report as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -55,23 +64,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_local(path: Path):
-    from transformers import AutoModelForCausalLM
+    """``(model, tokenizer or None)`` from a saved Hugging Face folder or a .gguf file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not path.exists():
         raise FileNotFoundError(f"no model at {path}")
-    if path.suffix == ".gguf":
-        return AutoModelForCausalLM.from_pretrained(
-            path.parent, gguf_file=path.name, dtype=torch.float32
-        ).eval()
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    folder, extra = (path.parent, {"gguf_file": path.name}) if path.suffix == ".gguf" else (path, {})
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
+    except (OSError, ValueError):
+        tokenizer = None
+    return model, tokenizer
 
 
-def _optimize(model, args) -> torch.nn.Module:
+def _optimize(model, args, tokenizer=None) -> torch.nn.Module:
     start = time.perf_counter()
+    calibration = None
+    if args.calibration_text is not None:
+        if tokenizer is None:
+            raise FileNotFoundError("--calibration-text needs the model's tokenizer next to the model")
+        calibration = [args.calibration_text.read_text()]
+    finetune = (
+        neuronmm_fx.FinetuneConfig(steps=args.finetune_steps, progress=not args.quiet)
+        if args.finetune_steps
+        else None
+    )
     optimized = neuronmm_fx.optimize(
         model,
         ratio=args.ratio,
         block=args.block,
+        method=args.method,
+        allocation=args.allocation,
+        calibration=calibration,
+        tokenizer=tokenizer,
+        calibration_tokens=args.calibration_tokens,
+        finetune=finetune,
         include=tuple(args.include),
         exclude=tuple(args.exclude),
         dump_dir=args.dump_dir,
@@ -84,6 +112,9 @@ def _optimize(model, args) -> torch.nn.Module:
         args.report_json.write_text(json.dumps(report.to_dict(), indent=2))
     if args.dump_dir:
         print(f"graph dumps written to {args.dump_dir}")
+    if args.save:
+        neuronmm_fx.save_compressed(optimized, args.save)
+        print(f"compressed model saved to {args.save}")
     return optimized
 
 
@@ -100,20 +131,25 @@ def run_demo(args) -> None:
     print("loading the bundled SmolLM2-135M-Instruct (4-bit GGUF, dequantized to float32)...", flush=True)
     model, tokenizer = load_smollm2()
     before = _generate(model, tokenizer, args.prompt, args.max_new_tokens)
-    optimized = _optimize(model, args)
+    optimized = _optimize(model, args, tokenizer)
     after = _generate(optimized, tokenizer, args.prompt, args.max_new_tokens)
     print(f"\nprompt: {args.prompt!r}\n  dense:      {before!r}\n  compressed: {after!r}")
-    print("(plain truncated SVD: output quality at this ratio needs calibrated whitening, see the README)")
+    if args.method == "svd":
+        print("(plain truncated SVD ruins small models; the default method whitens, see the README)")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        neuronmm_fx.OptimizeConfig(ratio=args.ratio, block=args.block)  # refuse bad options before loading
+        # refuse bad options before spending time on loading
+        neuronmm_fx.OptimizeConfig(
+            ratio=args.ratio, block=args.block, calibration_tokens=args.calibration_tokens
+        )
         if args.command == "demo":
             run_demo(args)
         else:
-            _optimize(_load_local(args.model), args)
+            model, tokenizer = _load_local(args.model)
+            _optimize(model, args, tokenizer)
     except (NeuronMMError, FileNotFoundError) as error:
         print(f"neuronmm-fx: error: {error}", file=sys.stderr)
         return 1

@@ -1,5 +1,6 @@
 """Graph dumps and the command line."""
 
+import json
 import subprocess
 import sys
 
@@ -47,3 +48,32 @@ def test_cli_help_and_bad_options(capsys):
     assert "ratio must satisfy 0 < ratio < 1" in capsys.readouterr().err
     assert main(["optimize", "/no/such/model"]) == 1
     assert "no model at /no/such/model" in capsys.readouterr().err
+
+
+def test_cli_optimizes_a_saved_model_and_saves_the_result(tmp_path, capsys):
+    folder = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    code = main(
+        [
+            "optimize",
+            str(folder),
+            "--ratio",
+            "0.2",
+            "--block",
+            "8",
+            "--method",
+            "svd",
+            "--quiet",
+            "--save",
+            str(tmp_path / "out"),
+            "--report-json",
+            str(tmp_path / "report.json"),
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "2 site(s) rewritten" in out and f"compressed model saved to {tmp_path / 'out'}" in out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [s["path"] for s in report["sites"]] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert (tmp_path / "out" / "neuronmm_recipe.json").is_file()
