@@ -169,14 +169,7 @@ def optimize(
         raise ConfigError(
             "finetune= distils a causal language model's next-token distribution; this model has none"
         )
-    if example_inputs is None:
-        example_args, default_kwargs = default_example_inputs(model)
-        example_kwargs = default_kwargs if example_kwargs is None else example_kwargs
-    else:
-        example_args = (
-            tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-        )
-        example_kwargs = example_kwargs or {}
+    example_args, example_kwargs = _example_inputs(model, example_inputs, example_kwargs)
     report = OptimizeReport(
         config.ratio,
         config.block,
@@ -184,82 +177,20 @@ def optimize(
         allocation=config.allocation,
         model_params_before=count_parameters(model),
     )
-
-    started = time.perf_counter()
-    captured = capture(model, example_args, example_kwargs)
-    graph_module = captured.graph_module
-    raw = dump.snapshot(graph_module.graph) if config.dump_dir else None
-    canonical = Canonicalize(captured.resolve_param)(graph_module)
-    sites = Match()(graph_module).sites
-    report.timings["capture_and_match_s"] = time.perf_counter() - started
-    log.info("canonicalized %s; matched %d site(s)", dict(canonical.counts), len(sites))
-
-    chosen: list[Site] = []
-    for site in sites:
-        reason = _selected(site.path, config)
-        if reason is None:
-            chosen.append(site)
-        else:
-            report.skipped.append(SkippedSite(site.path, site.pattern, reason))
-
-    started = time.perf_counter()
-    strategy = plan(model, chosen, config, calibration, tokenizer)
-    report.calibration = strategy.calibration_note
-    fused_sites: list[FusedSite] = []
-    method_reasons: dict[int, dict[str, str]] = {}
-    for site, site_plan in tqdm(
-        list(zip(chosen, strategy.plans, strict=True)),
-        desc="compress",
-        unit="site",
-        disable=not config.progress,
-    ):
-        compressed = compress_site(site, site_plan.decisions, site_plan.factorizers)
-        if all(c.method == "dense" for c in compressed.values()):
-            reasons = "; ".join(f"{c.name}: {c.reason}" for c in compressed.values())
-            report.skipped.append(
-                SkippedSite(site.path, site.pattern, f"every matrix stays dense ({reasons})")
-            )
-            continue
-        method_reasons[id(site)] = site_plan.method_reasons
-        fused_sites.append(fuse_site(site, compressed))
-
-    report.timings["calibration_s"] = strategy.calibration_seconds
-    report.timings["factorization_s"] = time.perf_counter() - started - strategy.calibration_seconds
-    attributed = attributed_nodes(graph_module.graph)
-    installations = [plan_installation(fused, model, attributed) for fused in fused_sites]
-    if config.verify:
-        installations = verify(installations, model, example_args, example_kwargs, attributed)
-    kept = []
-    for installation in installations:
-        if installation.kind == PER_MATRIX and not installation.per_matrix:
-            site = installation.fused.site
-            report.skipped.append(
-                SkippedSite(
-                    site.path, site.pattern, f"{installation.note}; no matrix could be replaced on its own"
-                )
-            )
-        else:
-            kept.append(installation)
-    if not kept:
-        details = (
-            "; ".join(f"{s.path or '<root>'}: {s.reason}" for s in report.skipped)
-            or "no MLP or low-rank chain"
-        )
-        raise NothingToCompressError(f"nothing to compress in {type(model).__name__}: {details}")
+    graph_module, raw, sites = _capture_and_match(model, example_args, example_kwargs, config, report)
+    chosen = _select(sites, config, report)
+    strategy, fused_sites, method_reasons = _compress_and_fuse(
+        model, chosen, config, calibration, tokenizer, report
+    )
+    installations = _plan_installations(
+        model, graph_module, fused_sites, config, example_args, example_kwargs, report
+    )
 
     teacher, tuning_data = None, None
     if finetune is not None:  # everything fine-tuning needs is ready before the model changes
-        tuning_data, missing = (
-            (strategy.calibration, "")
-            if strategy.calibration
-            else prepare_calibration(
-                model, calibration, tokenizer, config.calibration_seq_len, config.calibration_tokens
-            )
-        )
-        if tuning_data is None:
-            raise ConfigError(f"finetune= needs calibration tokens: {missing}")
+        tuning_data = strategy.calibration or _finetune_data(model, calibration, tokenizer, config)
         teacher = copy.deepcopy(model)
-    result, undo = commit(model, kept)
+    result, undo = commit(model, installations)
     if finetune is not None:
         try:
             tuned = run_finetune(result, teacher, tuning_data.batches, finetune)
@@ -269,12 +200,105 @@ def optimize(
         report.timings["finetune_s"] = tuned.seconds
         report.finetune = {"steps": tuned.steps, "first_loss": tuned.losses[0], "last_loss": tuned.losses[-1]}
         del teacher
-    report.sites = [_site_report(inst, method_reasons[id(inst.fused.site)]) for inst in kept]
+
+    report.sites = [_site_report(inst, method_reasons[id(inst.fused.site)]) for inst in installations]
     report.model_params_after = count_parameters(result)
     if config.dump_dir:
-        _write_dumps(config.dump_dir, raw, graph_module, kept, report)
+        _write_dumps(config.dump_dir, raw, graph_module, installations, report)
     setattr(result, REPORT_ATTRIBUTE, report)
     return result
+
+
+def _example_inputs(model: nn.Module, example_inputs, example_kwargs) -> tuple[tuple, dict]:
+    if example_inputs is None:
+        example_args, default_kwargs = default_example_inputs(model)
+        return example_args, default_kwargs if example_kwargs is None else example_kwargs
+    example_args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    return example_args, example_kwargs or {}
+
+
+def _capture_and_match(model, example_args, example_kwargs, config: OptimizeConfig, report: OptimizeReport):
+    """capture → canonicalize → match; also the raw graph's snapshot when dumps are asked for."""
+    started = time.perf_counter()
+    captured = capture(model, example_args, example_kwargs)
+    graph_module = captured.graph_module
+    raw = dump.snapshot(graph_module.graph) if config.dump_dir else None
+    canonical = Canonicalize(captured.resolve_param)(graph_module)
+    sites = Match()(graph_module).sites
+    report.timings["capture_and_match_s"] = time.perf_counter() - started
+    log.info("canonicalized %s; matched %d site(s)", dict(canonical.counts), len(sites))
+    return graph_module, raw, sites
+
+
+def _select(sites: list[Site], config: OptimizeConfig, report: OptimizeReport) -> list[Site]:
+    chosen = []
+    for site in sites:
+        reason = _selected(site.path, config)
+        if reason is None:
+            chosen.append(site)
+        else:
+            report.skipped.append(SkippedSite(site.path, site.pattern, reason))
+    return chosen
+
+
+def _compress_and_fuse(model, sites, config, calibration, tokenizer, report):
+    """strategy (method, calibration, ranks) → compress → fuse, for every chosen site."""
+    started = time.perf_counter()
+    strategy = plan(model, sites, config, calibration, tokenizer)
+    report.calibration = strategy.calibration_note
+    fused_sites: list[FusedSite] = []
+    method_reasons: dict[int, dict[str, str]] = {}
+    progress = tqdm(
+        list(zip(sites, strategy.plans, strict=True)),
+        desc="compress",
+        unit="site",
+        disable=not config.progress,
+    )
+    for site, site_plan in progress:
+        compressed = compress_site(site, site_plan.decisions, site_plan.factorizers)
+        if all(c.method == "dense" for c in compressed.values()):
+            reasons = "; ".join(f"{c.name}: {c.reason}" for c in compressed.values())
+            report.skipped.append(
+                SkippedSite(site.path, site.pattern, f"every matrix stays dense ({reasons})")
+            )
+            continue
+        method_reasons[id(site)] = site_plan.method_reasons
+        fused_sites.append(fuse_site(site, compressed))
+    report.timings["calibration_s"] = strategy.calibration_seconds
+    report.timings["factorization_s"] = time.perf_counter() - started - strategy.calibration_seconds
+    return strategy, fused_sites, method_reasons
+
+
+def _plan_installations(model, graph_module, fused_sites, config, example_args, example_kwargs, report):
+    """lower's plan for every fused site, proven on a real run; refuse a model with nothing left."""
+    attributed = attributed_nodes(graph_module.graph)
+    installations = [plan_installation(fused, model, attributed) for fused in fused_sites]
+    if config.verify:
+        installations = verify(installations, model, example_args, example_kwargs, attributed)
+    kept = []
+    for installation in installations:
+        if installation.kind == PER_MATRIX and not installation.per_matrix:
+            site = installation.fused.site
+            why = f"{installation.note}; no matrix could be replaced on its own"
+            report.skipped.append(SkippedSite(site.path, site.pattern, why))
+        else:
+            kept.append(installation)
+    if not kept:
+        details = (
+            "; ".join(f"{s.path or '<root>'}: {s.reason}" for s in report.skipped)
+            or "no MLP or low-rank chain"
+        )
+        raise NothingToCompressError(f"nothing to compress in {type(model).__name__}: {details}")
+    return kept
+
+
+def _finetune_data(model, calibration, tokenizer, config: OptimizeConfig):
+    data, missing = prepare_calibration(
+        model, calibration, tokenizer, config.calibration_seq_len, config.calibration_tokens
+    )
+    if data is None:
+        raise ConfigError(f"finetune= needs calibration tokens: {missing}")
+    return data
 
 
 def report_of(model: nn.Module) -> OptimizeReport:
