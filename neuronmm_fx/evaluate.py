@@ -49,6 +49,12 @@ def _windows(tokens: int, seq_len: int, stride: int):
         scored_until = end
 
 
+def _stream(ids: torch.Tensor, max_tokens: int | None) -> torch.Tensor:
+    """The token ids as one 1-D stream, cut to ``max_tokens``."""
+    ids = ids.reshape(-1)
+    return ids[:max_tokens] if max_tokens else ids
+
+
 def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     out = model(ids, use_cache=False) if hasattr(model, "generate") else model(ids)
     return (out.logits if hasattr(out, "logits") else out).float()
@@ -64,7 +70,7 @@ def perplexity(
     progress: bool = False,
 ) -> Perplexity:
     """Perplexity of a causal LM on a 1-D stream of token ids."""
-    ids = ids.reshape(-1)[:max_tokens] if max_tokens else ids.reshape(-1)
+    ids = _stream(ids, max_tokens)
     device = next(model.parameters()).device
     total_nll, scored = 0.0, 0
     windows = list(_windows(ids.numel(), seq_len, stride or seq_len))
@@ -85,7 +91,7 @@ def reference_log_probs(
     reference: nn.Module, ids: torch.Tensor, seq_len: int = 512, max_tokens: int | None = None
 ) -> list[torch.Tensor]:
     """The reference model's next-token log-probabilities per window (bfloat16, to be reused)."""
-    ids = ids.reshape(-1)[:max_tokens] if max_tokens else ids.reshape(-1)
+    ids = _stream(ids, max_tokens)
     device = next(reference.parameters()).device
     return [
         F.log_softmax(_logits(reference, ids[start:end].unsqueeze(0).to(device))[0], dim=-1).bfloat16()
@@ -107,7 +113,7 @@ def quality(
     ``reference`` is the dense model, or its :func:`reference_log_probs` on the same windows (so a
     benchmark runs the dense model once for all its rows).
     """
-    ids = ids.reshape(-1)[:max_tokens] if max_tokens else ids.reshape(-1)
+    ids = _stream(ids, max_tokens)
     device = next(model.parameters()).device
     windows = list(_windows(ids.numel(), seq_len, seq_len))
     cached = reference if isinstance(reference, list) else None
