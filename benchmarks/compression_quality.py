@@ -39,7 +39,9 @@ def main() -> None:
     parser.add_argument("--calibration-tokens", type=int, default=16384)
     parser.add_argument("--calibration-seq-len", type=int, default=512)
     parser.add_argument("--finetune-steps", type=int, default=60)
-    parser.add_argument("--finetune-lr", type=float, default=2e-4)
+    parser.add_argument("--finetune-lr", type=float, default=1e-5)
+    rows = ("svd", "uniform", "global", "finetuned")
+    parser.add_argument("--rows", nargs="+", choices=rows, default=list(rows), help="which rows to run")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -107,14 +109,19 @@ def main() -> None:
         return score(name, model, ratio, timings)
 
     score("dense", dense)
+    wanted = set(args.rows)
     for ratio in args.ratios:
-        run("plain SVD, uniform", ratio, method="svd", allocation="uniform")
-        uniform = run("whitened, uniform", ratio, method="whiten", allocation="uniform")
-        # uniform ranks overshoot the ratio on 576×1536 matrices: compare global at the same size too
-        same_size = round(1.0 - uniform["mlp_kept"], 9)
-        run("whitened, global, uniform's size", same_size, method="whiten", allocation="global")
-        run("whitened, global", ratio, method="whiten", allocation="global")
-        run("whitened, global, fine-tuned", ratio, method="whiten", allocation="global", tune=True)
+        if "svd" in wanted:
+            run("plain SVD, uniform", ratio, method="svd", allocation="uniform")
+        if "uniform" in wanted:
+            uniform = run("whitened, uniform", ratio, method="whiten", allocation="uniform")
+            # uniform ranks overshoot the ratio on 576×1536 matrices: compare global at the same size too
+            same_size = round(1.0 - uniform["mlp_kept"], 9)
+            run("whitened, global, uniform's size", same_size, method="whiten", allocation="global")
+        if "global" in wanted:
+            run("whitened, global", ratio, method="whiten", allocation="global")
+        if "finetuned" in wanted:
+            run("whitened, global, fine-tuned", ratio, method="whiten", allocation="global", tune=True)
 
     print()
     print(

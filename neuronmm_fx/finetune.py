@@ -28,7 +28,7 @@ class FinetuneConfig:
 
     steps: int = 60
     max_seconds: float | None = None
-    lr: float = 1e-4
+    lr: float = 1e-5
     weight_decay: float = 0.0
     seed: int = 0
     progress: bool = True
