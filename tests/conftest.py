@@ -77,6 +77,28 @@ def tiny_model(name: str, seed: int = 0) -> nn.Module:
     return model_class(config).eval()
 
 
+def tiny_decoder(kind: str = "llama", seed: int = 0) -> nn.Module:
+    """A 2-layer LLaMA or Qwen3 with intermediate size 160 (ranks of 8-blocks leave room) and 128 tokens."""
+    import transformers as T
+
+    model_class, config_class, extra = {
+        "llama": (T.LlamaForCausalLM, T.LlamaConfig, {}),
+        "qwen3": (T.Qwen3ForCausalLM, T.Qwen3Config, {"head_dim": 16}),
+    }[kind]
+    config = config_class(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        **extra,
+    )
+    torch.manual_seed(seed)
+    return model_class(config).eval()
+
+
 def make_low_rank_(model: nn.Module, rank: int, seed: int = 0) -> nn.Module:
     """Give every linear weight of ``model`` exactly rank ``rank`` (so truncated SVD is exact)."""
     generator = torch.Generator().manual_seed(seed)

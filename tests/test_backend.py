@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_decoder
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 import neuronmm_fx
 from neuronmm_fx import backend, ops
@@ -19,33 +19,12 @@ from neuronmm_fx.passes.compress import uniform_rank
 EAGER = {"compiler": "eager"}
 
 
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()
+def tiny_llama() -> nn.Module:
+    return tiny_decoder("llama")
 
 
-def tiny_qwen3() -> Qwen3ForCausalLM:
-    torch.manual_seed(0)
-    config = Qwen3Config(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=64,
-    )
-    return Qwen3ForCausalLM(config).eval()
+def tiny_qwen3() -> nn.Module:
+    return tiny_decoder("qwen3")
 
 
 class SvdLlmLinear(nn.Module):
@@ -60,7 +39,7 @@ class SvdLlmLinear(nn.Module):
         return self.u_proj(self.v_proj(x))
 
 
-def svd_llm_llama() -> LlamaForCausalLM:
+def svd_llm_llama() -> nn.Module:
     """Tiny LLaMA whose MLP projections and o_proj are low-rank pairs, as in an SVD-LLM checkpoint."""
     model = tiny_llama()
     torch.manual_seed(1)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import tiny_decoder
 
 import neuronmm_fx
 from neuronmm_fx import export as nx
@@ -15,17 +15,7 @@ from neuronmm_fx import export as nx
 
 @pytest.fixture(scope="module")
 def optimized():
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return neuronmm_fx.optimize(LlamaForCausalLM(config).eval(), ratio=0.05, block=8, method="svd")
+    return neuronmm_fx.optimize(tiny_decoder("llama"), ratio=0.05, block=8, method="svd")
 
 
 IDS = torch.tensor([[3, 17, 42, 99, 5, 64, 127, 8]])
