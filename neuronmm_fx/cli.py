@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 a refused model or input (the message says why), 2 bad 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -14,21 +15,37 @@ from pathlib import Path
 import torch
 
 import neuronmm_fx
-from neuronmm_fx.config import ALLOCATIONS, METHODS
+from neuronmm_fx.config import ALLOCATIONS, METHODS, OptimizeConfig
 from neuronmm_fx.errors import NeuronMMError
+
+DEFAULTS = OptimizeConfig()  # the command line's defaults are the library's
 
 
 def _common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--ratio", type=float, default=0.2, help="fraction of each matrix's parameters removed"
+        "--ratio", type=float, default=DEFAULTS.ratio, help="fraction of the MLP parameters removed"
     )
-    parser.add_argument("--block", type=int, default=128, help="rank alignment (128 = Trainium partitions)")
+    parser.add_argument(
+        "--block", type=int, default=DEFAULTS.block, help="rank alignment (128 = Trainium partitions)"
+    )
     parser.add_argument("--include", action="append", default=[], metavar="GLOB", help="only sites matching")
     parser.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="skip sites matching")
-    parser.add_argument("--method", choices=METHODS, default="auto", help="factorization (default: auto)")
-    parser.add_argument("--allocation", choices=ALLOCATIONS, default="uniform", help="rank allocation rule")
+    parser.add_argument(
+        "--method", choices=METHODS, default=DEFAULTS.method, help="factorization (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--allocation", choices=ALLOCATIONS, default=DEFAULTS.allocation, help="rank allocation rule"
+    )
+    parser.add_argument(
+        "--no-sequential", dest="sequential", action="store_false", help="whiten every layer on dense inputs"
+    )
     parser.add_argument("--calibration-text", type=Path, metavar="FILE", help="calibrate on this text file")
-    parser.add_argument("--calibration-tokens", type=int, default=16384, help="at most this many tokens")
+    parser.add_argument(
+        "--calibration-tokens",
+        type=int,
+        default=DEFAULTS.calibration_tokens,
+        help="at most this many tokens (default: %(default)s)",
+    )
     parser.add_argument("--finetune-steps", type=int, default=0, help="recovery fine-tuning steps (0: none)")
     parser.add_argument(
         "--save", type=Path, metavar="DIR", help="save the compressed model (safetensors + recipe)"
@@ -52,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common_options(demo)
     demo.add_argument("--prompt", default="The capital of France is", help="prompt for the generation check")
     demo.add_argument("--max-new-tokens", type=int, default=16)
+    demo.add_argument(
+        "--eval-tokens",
+        type=int,
+        default=2048,
+        help="tokens of the shipped text to score (default: %(default)s)",
+    )
 
     optimize = commands.add_parser(
         "optimize", help="optimize a local Hugging Face causal LM and print the report"
@@ -96,6 +119,7 @@ def _optimize(model, args, tokenizer=None) -> torch.nn.Module:
         block=args.block,
         method=args.method,
         allocation=args.allocation,
+        sequential=args.sequential,
         calibration=calibration,
         tokenizer=tokenizer,
         calibration_tokens=args.calibration_tokens,
@@ -126,13 +150,42 @@ def _generate(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
 
 
 def run_demo(args) -> None:
-    from neuronmm_fx.models import load_smollm2
+    from neuronmm_fx.evaluate import quality
+    from neuronmm_fx.models import demo_text, load_smollm2
 
+    started = time.perf_counter()
     print("loading the bundled SmolLM2-135M-Instruct (4-bit GGUF, dequantized to float32)...", flush=True)
     model, tokenizer = load_smollm2()
+    loaded = time.perf_counter() - started
+    text, source = demo_text()
+    ids = tokenizer(text, return_tensors="pt").input_ids[0][: args.eval_tokens]
+    dense = copy.deepcopy(model)  # the reference the compressed model is compared with
     before = _generate(model, tokenizer, args.prompt, args.max_new_tokens)
     optimized = _optimize(model, args, tokenizer)
     after = _generate(optimized, tokenizer, args.prompt, args.max_new_tokens)
+    evaluation_started = time.perf_counter()
+    dense_ppl, _ = quality(dense, dense, ids)
+    ppl, fid = quality(optimized, dense, ids)
+    evaluated = time.perf_counter() - evaluation_started
+    report = neuronmm_fx.report_of(optimized)
+    removed, total = report.params_removed, sum(s.params_before for s in report.sites)
+    print(f"\nevaluation text: {source}, {ppl.tokens} scored tokens")
+    print(
+        f"  perplexity: dense {dense_ppl.perplexity:.2f}, compressed {ppl.perplexity:.2f} "
+        f"({ppl.perplexity / dense_ppl.perplexity:.2f}× dense)"
+    )
+    print(
+        f"  mean KL(dense ‖ compressed) {fid.kl:.3f} nats/token, "
+        f"top-1 agreement {100 * fid.top1_agreement:.1f} %"
+    )
+    print(
+        f"  parameters removed: {removed:,} of the rewritten sites' {total:,} ({100 * removed / total:.1f} %)"
+    )
+    print(
+        f"  time: load {loaded:.1f} s, "
+        + ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in report.timings.items())
+        + f", evaluation {evaluated:.1f} s"
+    )
     print(f"\nprompt: {args.prompt!r}\n  dense:      {before!r}\n  compressed: {after!r}")
     if args.method == "svd":
         print("(plain truncated SVD ruins small models; the default method whitens, see the README)")

@@ -7,10 +7,13 @@ import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from neuronmm_fx.errors import ConfigError
 
 METHODS = ("auto", "svd", "whiten")
-ALLOCATIONS = ("uniform", "global")
+ALLOCATIONS = ("global", "uniform")
+CALIBRATION_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -26,10 +29,19 @@ class OptimizeConfig:
     method:  how dense matrices are factored: ``"whiten"`` (SVD-LLM: SVD of the weight whitened by its
              calibration inputs), ``"svd"`` (plain truncated SVD of the weight), or ``"auto"``: whiten
              when calibration data is given or the model can generate its own, else plain SVD.
-    allocation: ``"uniform"`` (the per-matrix rank rule) or ``"global"`` (aligned ranks spread over
-             all matrices by measured loss so that the MLPs as a whole lose ``ratio`` of their parameters).
-    calibration_tokens: at most this many calibration tokens are used.
+    allocation: ``"global"`` (default: every matrix may stay dense or take any aligned rank, chosen
+             by measured sensitivity so that the MLPs as a whole lose ``ratio`` of their parameters
+             where it hurts least) or ``"uniform"`` (the paper's per-matrix rank rule, which can
+             overshoot the ratio badly on small matrices).
+    calibration_tokens: at most this many calibration tokens are used (and written, when the model
+             writes its own).
     calibration_seq_len: texts are cut into sequences of this many tokens.
+    sequential: compress block by block on the inputs the already-compressed blocks produce, fitting
+             each down projection to the dense output (needs a stack of blocks; otherwise every Gram
+             comes from the dense model in one pass, and the report says why).
+    sensitivity_tokens: calibration tokens used to measure each matrix's loss curve (global allocation).
+    calibration_dtype: ``"bfloat16"`` or ``"float32"``: dtype of the block-by-block forward passes
+             (Grams are accumulated in float64 either way; the model itself is not converted).
     dump_dir: where to write each site's graph before and after every pass (text and DOT).
     verify:  before installing a rewrite, check that its uncompressed form reproduces the module it
              replaces on the example inputs; a site that fails is skipped with the reason.
@@ -41,9 +53,12 @@ class OptimizeConfig:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     method: str = "auto"
-    allocation: str = "uniform"
-    calibration_tokens: int = 32768
+    allocation: str = "global"
+    calibration_tokens: int = 8192
     calibration_seq_len: int = 512
+    sequential: bool = True
+    sensitivity_tokens: int = 2048
+    calibration_dtype: str = "bfloat16"
     dump_dir: Path | None = None
     verify: bool = True
     progress: bool = False
@@ -65,7 +80,14 @@ class OptimizeConfig:
             raise ConfigError(
                 f"unknown allocation {self.allocation!r}: choose one of {', '.join(ALLOCATIONS)}"
             )
-        for name in ("calibration_tokens", "calibration_seq_len"):
+        if self.calibration_dtype not in CALIBRATION_DTYPES:
+            raise ConfigError(
+                f"unknown calibration_dtype {self.calibration_dtype!r}: choose one of "
+                f"{', '.join(CALIBRATION_DTYPES)}"
+            )
+        if not isinstance(self.sequential, bool):
+            raise ConfigError(f"sequential must be True or False, got {self.sequential!r}")
+        for name in ("calibration_tokens", "calibration_seq_len", "sensitivity_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")

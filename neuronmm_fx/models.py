@@ -44,3 +44,11 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
     finally:
         hf_logging.set_verbosity(verbosity)
     return model.eval(), tokenizer
+
+
+DEMO_TEXT = Path(__file__).with_name("data") / "python_reference_excerpt.txt"
+
+
+def demo_text() -> tuple[str, str]:
+    """``(text, description)`` of the evaluation text that ships with the package (see data/README.md)."""
+    return DEMO_TEXT.read_text(encoding="utf-8"), "excerpt of the Python Language Reference (PSF licence)"

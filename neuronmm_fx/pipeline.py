@@ -124,19 +124,25 @@ def _site_report(installation: Installation, method_reasons: dict[str, str]) -> 
     )
 
 
+_DEFAULTS = OptimizeConfig()
+
+
 def optimize(
     model: nn.Module,
-    ratio: float = 0.2,
+    ratio: float = _DEFAULTS.ratio,
     *,
-    block: int = 128,
+    block: int = _DEFAULTS.block,
     include: tuple[str, ...] | str = (),
     exclude: tuple[str, ...] | str = (),
-    method: str = "auto",
-    allocation: str = "uniform",
+    method: str = _DEFAULTS.method,
+    allocation: str = _DEFAULTS.allocation,
     calibration=None,
     tokenizer=None,
-    calibration_tokens: int = 32768,
-    calibration_seq_len: int = 512,
+    calibration_tokens: int = _DEFAULTS.calibration_tokens,
+    calibration_seq_len: int = _DEFAULTS.calibration_seq_len,
+    sequential: bool = _DEFAULTS.sequential,
+    sensitivity_tokens: int = _DEFAULTS.sensitivity_tokens,
+    calibration_dtype: str = _DEFAULTS.calibration_dtype,
     dump_dir: str | Path | None = None,
     example_inputs: tuple | None = None,
     example_kwargs: dict | None = None,
@@ -160,6 +166,9 @@ def optimize(
         allocation=allocation,
         calibration_tokens=calibration_tokens,
         calibration_seq_len=calibration_seq_len,
+        sequential=sequential,
+        sensitivity_tokens=sensitivity_tokens,
+        calibration_dtype=calibration_dtype,
         dump_dir=dump_dir,
         verify=verify_sites,
         progress=progress,
@@ -198,7 +207,16 @@ def optimize(
             undo()
             raise
         report.timings["finetune_s"] = tuned.seconds
-        report.finetune = {"steps": tuned.steps, "first_loss": tuned.losses[0], "last_loss": tuned.losses[-1]}
+        report.finetune = {
+            "steps": tuned.steps,
+            "first_loss": tuned.losses[0],
+            "last_loss": tuned.losses[-1],
+            "losses": tuned.losses,
+            "learning_rates": tuned.learning_rates,
+            "held_out": tuned.held_out,
+            "best_step": tuned.best_step,
+            "stopped_early": tuned.stopped_early,
+        }
         del teacher
 
     report.sites = [_site_report(inst, method_reasons[id(inst.fused.site)]) for inst in installations]
@@ -243,11 +261,11 @@ def _select(sites: list[Site], config: OptimizeConfig, report: OptimizeReport) -
 
 def _compress_and_fuse(model, sites, config, calibration, tokenizer, report):
     """strategy (method, calibration, ranks) → compress → fuse, for every chosen site."""
-    started = time.perf_counter()
     strategy = plan(model, sites, config, calibration, tokenizer)
     report.calibration = strategy.calibration_note
     fused_sites: list[FusedSite] = []
     method_reasons: dict[int, dict[str, str]] = {}
+    started = time.perf_counter()
     progress = tqdm(
         list(zip(sites, strategy.plans, strict=True)),
         desc="compress",
@@ -264,8 +282,8 @@ def _compress_and_fuse(model, sites, config, calibration, tokenizer, report):
             continue
         method_reasons[id(site)] = site_plan.method_reasons
         fused_sites.append(fuse_site(site, compressed))
-    report.timings["calibration_s"] = strategy.calibration_seconds
-    report.timings["factorization_s"] = time.perf_counter() - started - strategy.calibration_seconds
+    report.timings.update(strategy.timings)
+    report.timings["factorization_s"] += time.perf_counter() - started
     return strategy, fused_sites, method_reasons
 
 

@@ -121,6 +121,13 @@ class OptimizeReport:
                 f"  fine-tuned {self.finetune['steps']} steps: distillation KL "
                 f"{self.finetune['first_loss']:.4f} → {self.finetune['last_loss']:.4f}"
             )
+            held = self.finetune.get("held_out") or []
+            if held:
+                curve = ", ".join(f"{step}: {loss:.4f}" for step, loss in held)
+                stopped = ", stopped early" if self.finetune.get("stopped_early") else ""
+                lines.append(
+                    f"    held-out KL by step {curve}; kept step {self.finetune.get('best_step')}{stopped}"
+                )
         if self.timings:
             lines.append(
                 "  time: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in self.timings.items())

@@ -16,7 +16,9 @@ def test_every_mlp_is_found_and_exact_low_rank_weights_survive(name):
     reference = model_output(model, ids)
     model_class = type(model)
 
-    optimized = neuronmm_fx.optimize(model, ratio=0.05, block=8)  # rank 40 >= 8: truncation is exact
+    optimized = neuronmm_fx.optimize(  # rank 40 >= 8: truncation is exact
+        model, ratio=0.05, block=8, allocation="uniform"
+    )
 
     report = neuronmm_fx.report_of(optimized)
     pattern, activation = EXPECTED[name]
@@ -38,7 +40,7 @@ def _factor_params(in_features, out_features, rank):
 def test_ratio_0_2_parameter_counts_are_exact(name):
     model = tiny_model(name)
     before = sum(p.numel() for p in model.parameters())
-    optimized = neuronmm_fx.optimize(model, ratio=0.2, block=8)
+    optimized = neuronmm_fx.optimize(model, ratio=0.2, block=8, allocation="uniform")
     report = neuronmm_fx.report_of(optimized)
     # 64×128: break-even 42.7, (1 - 0.2)·42.7 = 34.1 → 32 with block 8
     expected_rank = 32
@@ -98,7 +100,7 @@ def test_a_users_own_mlp_modules_are_found():
 
 def test_optimized_model_generates_and_saves(tmp_path):
     model = tiny_model("llama")
-    optimized = neuronmm_fx.optimize(model, ratio=0.2, block=8)
+    optimized = neuronmm_fx.optimize(model, ratio=0.2, block=8, allocation="uniform")
     ids = token_ids(batch=1, length=4)
     generated = optimized.generate(ids, max_new_tokens=6, do_sample=False)
     assert generated.shape == (1, 10) and torch.equal(generated[:, :4], ids)

@@ -106,7 +106,7 @@ def test_backend_is_registered_by_entry_point_without_importing_the_package():
     ("make", "compiler"), [(tiny_llama, "inductor"), (tiny_qwen3, "eager")], ids=["llama", "qwen3"]
 )
 def test_optimized_model_compiles_and_keeps_the_ops(make, compiler):
-    model = neuronmm_fx.optimize(make(), ratio=0.05, block=8, method="svd")
+    model = neuronmm_fx.optimize(make(), ratio=0.05, block=8, method="svd", allocation="uniform")
     assert isinstance(model.model.layers[0].mlp, CompressedMLP)
     expected = logits(model)
     options = {} if compiler == "inductor" else EAGER  # inductor is the default

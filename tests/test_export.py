@@ -15,7 +15,9 @@ from neuronmm_fx import export as nx
 
 @pytest.fixture(scope="module")
 def optimized():
-    return neuronmm_fx.optimize(tiny_decoder("llama"), ratio=0.05, block=8, method="svd")
+    return neuronmm_fx.optimize(
+        tiny_decoder("llama"), ratio=0.05, block=8, method="svd", allocation="uniform"
+    )
 
 
 IDS = torch.tensor([[3, 17, 42, 99, 5, 64, 127, 8]])

@@ -76,7 +76,7 @@ def test_optimize_finds_and_preserves_random_mlps(
     reference = model(x)
 
     # block 4 and ratio 0.01 keep rank >= 4 >= true_rank for every matrix of at least 16×16
-    fused = neuronmm_fx.optimize(model, ratio=0.01, block=4)
+    fused = neuronmm_fx.optimize(model, ratio=0.01, block=4, allocation="uniform")
 
     report = neuronmm_fx.report_of(fused)
     assert [(s.pattern, s.activation) for s in report.sites] == [

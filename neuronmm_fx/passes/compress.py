@@ -5,17 +5,19 @@ would not save parameters).  Two rules:
 
 ``uniform``  per matrix, the paper's rule: ``r = ⌊(1 − ratio)·K·N/(K+N) / block⌋·block``; a matrix
              whose ``r`` is 0 stays dense, with the reason.
-``global``   across every matrix at once: each matrix gets one of the two aligned ranks around its
-             exact per-matrix target, the lower one where it loses least per parameter saved, until
-             the MLP parameters are at most ``(1 − ratio)`` of what they were (met to within one
-             block of one matrix).  The loss of rank ``r`` is the share of the (whitened) spectrum's
-             energy it drops, ``Σ_{i≥r} σᵢ² / Σ σᵢ²``.
+``global``   across every matrix at once (the default): each matrix may stay dense or take any
+             aligned rank, chosen to lose the least estimated loss for the parameters saved, until the
+             MLPs as a whole keep at most ``(1 − ratio)`` of their parameters (met to within one
+             block of one matrix).  The loss of a rank is measured (:mod:`neuronmm_fx.sensitivity`:
+             whitened truncation error weighted by the calibration loss's Fisher information at each
+             output); without calibration data, the share of spectral energy a rank drops.
 
 Factorization is a plug-in (:class:`Factorizer`).  :class:`TruncatedSVD` factors the weight itself;
-:class:`WhitenedSVD` (SVD-LLM) factors ``Sᵀ·W`` where ``G = XᵀX = S·Sᵀ`` is the Gram matrix of the
-layer's calibration inputs, so that the dropped singular values are exactly the output error on the
-calibration data, and folds ``S⁻ᵀ`` back into the left factor.  Both split ``√Σ`` evenly between ``U``
-and ``V``.  Low-rank chains keep the factors they came with.
+:class:`WhitenedSVD` (SVD-LLM, all Grams from one pass) factors ``Sᵀ·W`` where ``G = XᵀX = S·Sᵀ`` is
+the Gram matrix of the layer's calibration inputs, so that the dropped singular values are exactly the
+output error on the calibration data, and folds ``S⁻ᵀ`` back into the left factor.  Both split ``√Σ``
+evenly between ``U`` and ``V``.  :class:`Precomputed` hands out factors that
+:mod:`neuronmm_fx.sequential` computed block by block.  Low-rank chains keep the factors they came with.
 
 Guarantees: ``u`` is (in, r) and ``v`` is (r, out) with exactly the chosen rank; parameter counts
 are ``r·(K+N)`` (+ bias); dtypes follow the original weight; no factor holds NaN.
@@ -81,9 +83,26 @@ def truncation_loss(singular: torch.Tensor) -> Callable[[int], float]:
     return loss
 
 
+def weighted_truncation_loss(singular: torch.Tensor, weights: torch.Tensor) -> Callable[[int], float]:
+    """``loss(r) = Σ_{i≥r} σᵢ²·wᵢ``: the estimated cost of dropping every direction from ``r`` on.
+
+    With ``σ`` the singular values of the whitened weight (calibration inputs' Gram averaged per
+    token) and ``wᵢ = Σⱼ fⱼ·pᵢⱼ²`` (``fⱼ`` the mean squared gradient of the loss at output ``j``,
+    ``pᵢ`` the right singular vectors), this is twice the second-order (Fisher) estimate of the
+    loss increase per token, comparable across matrices of any shape and position.
+    """
+    dropped = (singular.double().square() * weights.double()).flip(0).cumsum(0).flip(0)  # Σ_{i≥r}
+    size = dropped.numel()
+
+    def loss(rank: int) -> float:
+        return float(dropped[rank]) if rank < size else 0.0
+
+    return loss
+
+
 @dataclass
 class MatrixShape:
-    """One matrix competing for parameters in a global allocation."""
+    """One matrix competing for parameters in a global allocation; ``loss(r)`` for aligned ``r``."""
 
     key: Hashable
     in_features: int
@@ -91,48 +110,82 @@ class MatrixShape:
     loss: Callable[[int], float]
 
 
+def _options(m: MatrixShape, block: int) -> list[tuple[int, float, int | None]]:
+    """``(parameters, loss, rank)`` of every choice for one matrix, dense first, then falling ranks."""
+    dense = (m.in_features * m.out_features, 0.0, None)
+    ranks = reversed(aligned_ranks(m.in_features, m.out_features, block))
+    return [dense] + [(r * (m.in_features + m.out_features), m.loss(r), r) for r in ranks]
+
+
+def _lower_hull(options: list[tuple[int, float, int | None]]) -> list[int]:
+    """Indices of the options on the lower convex hull of (parameters saved, loss), in order."""
+    hull: list[int] = []
+    for index, (params, loss, _) in enumerate(options):
+        while len(hull) >= 2:
+            (p1, l1, _), (p2, l2, _) = options[hull[-2]], options[hull[-1]]
+            # drop the middle point when it lies on or above the segment from hull[-2] to here
+            if (l2 - l1) * (p1 - params) >= (loss - l1) * (p1 - p2):
+                hull.pop()
+            else:
+                break
+        hull.append(index)
+    return hull
+
+
 def allocate_global(matrices: list[MatrixShape], ratio: float, block: int) -> dict[Hashable, RankDecision]:
-    """Aligned ranks for all matrices together, meeting ``(1 − ratio)`` of their parameters.
+    """Ranks for all matrices together: least total ``loss`` with at most ``(1 − ratio)`` of the parameters.
 
-    Each matrix's per-matrix target ``(1 − ratio)·K·N/(K+N)`` lies between two aligned ranks ``lo``
-    and ``hi = lo + block`` (``hi`` is "dense" when it reaches break-even).  Every matrix starts at
-    ``hi``; the cheapest steps ``hi → lo`` by loss per parameter saved are taken until the budget
-    holds, so the total lands within one step of one matrix of it.  Ranks stay within one block of
-    the uniform rule's exact target: an unconstrained greedy over all ranks, tried first, cut some
-    matrices to one block and kept others dense, and was far worse on SmolLM2 than the uniform rule
-    at the same size (perplexity 1452 against 278), because spectral energy does not rank a matrix's
-    importance to the model.
+    Every matrix may stay dense or take any multiple of ``block`` below its break-even rank (a
+    multiple-choice knapsack).  Solved greedily: from all-dense, repeatedly take the step along some
+    matrix's lower convex hull of (parameters saved, loss) that costs the least loss per parameter
+    saved, until the budget holds; then hand back parameters: while a single move to a larger
+    option still fits the budget, take the one that lowers the loss most.  The result uses the
+    budget to within one block of one matrix (any smaller slack would fit a move).
     """
-    options: dict[Hashable, list[int | None]] = {}
-    for m in matrices:
-        even = break_even_rank(m.in_features, m.out_features)
-        low = math.floor((1.0 - ratio) * even / block + _ROUNDING) * block
-        high: int | None = low + block if low + block < even else None  # None = dense
-        options[m.key] = [high] + ([low] if low > 0 else [])
-
-    def params(m: MatrixShape, rank: int | None) -> int:
-        return m.in_features * m.out_features if rank is None else rank * (m.in_features + m.out_features)
-
-    def loss(m: MatrixShape, rank: int | None) -> float:
-        return 0.0 if rank is None else m.loss(rank)
-
+    options = {m.key: _options(m, block) for m in matrices}
     budget = (1.0 - ratio) * sum(m.in_features * m.out_features for m in matrices) * (1.0 + _ROUNDING)
-    state = {m.key: options[m.key][0] for m in matrices}
-    total = sum(params(m, state[m.key]) for m in matrices)
-    heap = []
-    for index, m in enumerate(matrices):
-        if len(options[m.key]) == 2:
-            high, low = options[m.key]
-            saved = params(m, high) - params(m, low)
-            heap.append(((loss(m, low) - loss(m, high)) / saved, index, saved, low))
+    state = {m.key: 0 for m in matrices}  # index into options: 0 = dense
+    total = sum(options[m.key][0][0] for m in matrices)
+    hulls = {m.key: _lower_hull(options[m.key]) for m in matrices}
+    position = {m.key: 0 for m in matrices}  # position along the hull
+
+    def next_step(index: int):
+        key = matrices[index].key
+        hull, at = hulls[key], position[key]
+        if at + 1 >= len(hull):
+            return None
+        (p0, l0, _), (p1, l1, _) = options[key][hull[at]], options[key][hull[at + 1]]
+        return ((l1 - l0) / (p0 - p1), index, p0 - p1)
+
+    heap = [step for step in (next_step(i) for i in range(len(matrices))) if step is not None]
     heapq.heapify(heap)
     while total > budget and heap:
-        _, index, saved, low = heapq.heappop(heap)
-        state[matrices[index].key] = low
+        _, index, saved = heapq.heappop(heap)
+        key = matrices[index].key
+        position[key] += 1
+        state[key] = hulls[key][position[key]]
         total -= saved
+        step = next_step(index)
+        if step is not None:
+            heapq.heappush(heap, step)
+    while True:  # hand back: the single upward move that fits and lowers the loss most
+        best = None
+        for m in matrices:
+            params, loss, _ = options[m.key][state[m.key]]
+            for choice in range(state[m.key]):
+                more, lower, _ = options[m.key][choice]
+                if total - params + more <= budget and lower < loss:
+                    gain = loss - lower
+                    if best is None or gain > best[0]:
+                        best = (gain, m.key, choice, more - params)
+        if best is None:
+            break
+        _, key, choice, extra = best
+        state[key] = choice
+        total += extra
     decisions: dict[Hashable, RankDecision] = {}
     for m in matrices:
-        rank = state[m.key]
+        rank = options[m.key][state[m.key]][2]
         if rank is not None:
             decisions[m.key] = RankDecision(rank)
         elif not aligned_ranks(m.in_features, m.out_features, block):
@@ -156,71 +209,100 @@ class Factorizer(Protocol):
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
-class _CachedSVD:
-    """Shared machinery: decompose once per projection, then truncate as often as asked."""
-
-    name = ""
-
-    def __init__(self) -> None:
-        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-
-    def _decompose(self, projection: Projection, weight: torch.Tensor):
-        raise NotImplementedError
-
-    def _factors(self, projection: Projection, weight: torch.Tensor):
-        key = id(projection)
-        if key not in self._cache:
-            self._cache[key] = self._decompose(projection, weight)
-        return self._cache[key]
-
-    def spectrum(self, projection: Projection, weight_in_out: torch.Tensor) -> torch.Tensor:
-        return self._factors(projection, weight_in_out)[1]
-
-    def __call__(self, projection: Projection, weight_in_out: torch.Tensor, rank: int):
-        left, singular, right_t = self._factors(projection, weight_in_out)
-        root = singular[:rank].sqrt()
-        u = left[:, :rank] * root  # (in, r)
-        v = root[:, None] * right_t[:rank]  # (r, out)
-        return u.to(weight_in_out.dtype).contiguous(), v.to(weight_in_out.dtype).contiguous()
+def split_factors(
+    left: torch.Tensor, singular: torch.Tensor, right_t: torch.Tensor, rank: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``u = left_r·√Σ_r`` (in, r) and ``v = √Σ_r·right_tᵣ`` (r, out), in ``dtype``."""
+    root = singular[:rank].sqrt()
+    u = left[:, :rank] * root
+    v = root[:, None] * right_t[:rank]
+    return u.to(dtype).contiguous(), v.to(dtype).contiguous()
 
 
-class TruncatedSVD(_CachedSVD):
+class TruncatedSVD:
     """Plain truncated SVD of the weight: ``W ≈ (Q_r·√Σ_r)·(√Σ_r·P_rᵀ)``, computed in float32."""
 
     name = "svd"
 
-    def _decompose(self, projection: Projection, weight: torch.Tensor):
-        return torch.linalg.svd(weight.float(), full_matrices=False)
+    def spectrum(self, projection: Projection, weight_in_out: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.svdvals(weight_in_out.float())
+
+    def __call__(self, projection: Projection, weight_in_out: torch.Tensor, rank: int):
+        left, singular, right_t = torch.linalg.svd(weight_in_out.float(), full_matrices=False)
+        return split_factors(left, singular, right_t, rank, weight_in_out.dtype)
 
 
-def whitening(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(Sᵀ, S⁻ᵀ)`` with ``S·Sᵀ = G``, robust to a Gram that is singular or not quite PSD.
+def whitening(gram: torch.Tensor, inverse: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(Sᵀ, S⁻ᵀ)`` with ``S·Sᵀ = G`` (float64), robust to a Gram that is singular or not quite PSD.
 
-    ``G`` is damped by ``WHITENING_DAMPING`` of its mean diagonal and its eigenvalues are floored at
-    ``EIGEN_FLOOR`` of the largest, so dead channels and too few tokens give finite factors.
+    ``G`` is damped by ``WHITENING_DAMPING`` of its mean diagonal.  The fast path is a Cholesky
+    factor (``S`` lower triangular); if that fails, ``eigh`` with eigenvalues floored at
+    ``EIGEN_FLOOR`` of the largest, so dead channels and too few tokens still give finite factors.
+    ``inverse=False`` skips ``S⁻ᵀ`` (None) where only the spectrum is wanted.
     """
     gram = gram.double()
     size = gram.shape[0]
     scale = float(gram.diagonal().mean()) if size else 0.0
+    eye = torch.eye(size, dtype=torch.float64)
     if not math.isfinite(scale) or scale <= 0.0:
-        eye = torch.eye(size, dtype=torch.float64)
         return eye, eye
-    gram = (gram + gram.t()) / 2 + WHITENING_DAMPING * scale * torch.eye(size, dtype=torch.float64)
+    gram = (gram + gram.t()) / 2 + WHITENING_DAMPING * scale * eye
+    lower, info = torch.linalg.cholesky_ex(gram)
+    if int(info) == 0:
+        s_t = lower.t()
+        return s_t, torch.linalg.solve_triangular(s_t, eye, upper=True) if inverse else None
     eigenvalues, vectors = torch.linalg.eigh(gram)
     eigenvalues = eigenvalues.clamp_min(EIGEN_FLOOR * float(eigenvalues.max()))
     root = eigenvalues.sqrt()
     return root[:, None] * vectors.t(), vectors / root[None, :]
 
 
-class WhitenedSVD(_CachedSVD):
-    """SVD-LLM: truncated SVD of ``Sᵀ·W`` with ``G = S·Sᵀ``, left factor mapped back by ``S⁻ᵀ``."""
+def whitened_svd(
+    s_inv_t: torch.Tensor, whitened_target: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD of a whitened (in, out) target, the left vectors mapped back to input space by ``S⁻ᵀ``.
+
+    ``whitened_target`` is ``Sᵀ·W`` for SVD-LLM, or ``S⁻¹·C·W`` for the target-aware least-squares
+    fit (see :func:`neuronmm_fx.sequential.compress_layerwise`).  Returns ``(left, σ, right_t)``
+    in float64 such that ``left_r·diag(σ_r)·right_tᵣ`` is the best rank-``r`` weight in the norm the
+    calibration inputs induce.
+    """
+    left, singular, right_t = svd_by_gram(whitened_target)
+    return s_inv_t @ left, singular, right_t
+
+
+def svd_by_gram(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD ``(left, σ, right_t)`` of a float64 matrix from ``eigh`` of its smaller Gram form.
+
+    Two to three times faster than ``torch.linalg.svd`` on the (576, 1536) shapes of small LLMs.
+    Squaring loses relative precision only in singular values below ~1e-8 of the largest, which a
+    truncation drops anyway; vectors of (numerically) zero singular values are arbitrary.
+    """
+    matrix = matrix.double()
+    wide = matrix.shape[0] <= matrix.shape[1]
+    gram = matrix @ matrix.t() if wide else matrix.t() @ matrix
+    eigenvalues, vectors = torch.linalg.eigh(gram)
+    eigenvalues, vectors = eigenvalues.flip(0), vectors.flip(1)  # descending
+    singular = eigenvalues.clamp_min(0.0).sqrt()
+    floor = float(singular[0]) * 1e-150 if singular.numel() and singular[0] > 0 else 1.0
+    safe = singular.clamp_min(floor)
+    if wide:
+        return vectors, singular, (vectors.t() @ matrix) / safe[:, None]
+    return (matrix @ vectors) / safe[None, :], singular, vectors.t()
+
+
+class WhitenedSVD:
+    """SVD-LLM with every Gram collected in one pass: truncated SVD of ``Sᵀ·W`` with ``G = S·Sᵀ``.
+
+    The fallback for models without a stack of layers that :mod:`neuronmm_fx.sequential` can walk;
+    it holds every Gram at once.
+    """
 
     name = "whiten"
 
     def __init__(
         self, grams: dict[Hashable, torch.Tensor], gram_key: Callable[[Projection], Hashable]
     ) -> None:
-        super().__init__()
         self.grams = grams
         self.gram_key = gram_key
         self._whitening: dict[Hashable, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -228,13 +310,43 @@ class WhitenedSVD(_CachedSVD):
     def covers(self, projection: Projection) -> bool:
         return self.gram_key(projection) in self.grams
 
-    def _decompose(self, projection: Projection, weight: torch.Tensor):
+    def _whiten(self, projection: Projection) -> tuple[torch.Tensor, torch.Tensor]:
         key = self.gram_key(projection)
         if key not in self._whitening:
             self._whitening[key] = whitening(self.grams[key])
-        s_t, s_inv_t = self._whitening[key]
-        left, singular, right_t = torch.linalg.svd(s_t @ weight.double(), full_matrices=False)
-        return (s_inv_t @ left).float(), singular.float(), right_t.float()
+        return self._whitening[key]
+
+    def spectrum(self, projection: Projection, weight_in_out: torch.Tensor) -> torch.Tensor:
+        s_t, _ = self._whiten(projection)
+        return torch.linalg.svdvals(s_t @ weight_in_out.double())
+
+    def __call__(self, projection: Projection, weight_in_out: torch.Tensor, rank: int):
+        s_t, s_inv_t = self._whiten(projection)
+        left, singular, right_t = whitened_svd(s_inv_t, s_t @ weight_in_out.double())
+        return split_factors(left, singular, right_t, rank, weight_in_out.dtype)
+
+
+class Precomputed:
+    """Factors computed ahead (by the layer-wise sequential pass), handed out by projection."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def put(self, projection: Projection, u: torch.Tensor, v: torch.Tensor) -> None:
+        self.factors[id(projection)] = (u, v)
+
+    def covers(self, projection: Projection) -> bool:
+        return id(projection) in self.factors
+
+    def spectrum(self, projection: Projection, weight_in_out: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("precomputed factors carry no spectrum: ranks were allocated before")
+
+    def __call__(self, projection: Projection, weight_in_out: torch.Tensor, rank: int):
+        u, v = self.factors.pop(id(projection))
+        if u.shape[1] != rank:
+            raise AssertionError(f"{projection.name}: precomputed rank {u.shape[1]}, asked for {rank}")
+        return u, v
 
 
 @dataclass

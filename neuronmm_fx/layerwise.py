@@ -1,0 +1,197 @@
+"""Run a model one block at a time on cached calibration inputs.
+
+Transformers are an embedding, a stack of identical blocks (an ``nn.ModuleList``) and a head.  The
+hidden states entering block 0 are captured once per calibration batch (the model runs up to block 0
+and stops); then each block is run alone, on a working copy in the calibration dtype, and its outputs
+become the next block's inputs.  Whatever a caller does to one block's working copy (compress a
+projection, observe its inputs) is therefore seen by every block after it, and at any time only
+one block's copy and the calibration hidden states are held: memory grows with one layer and the
+number of calibration tokens, not with the depth of the model.
+
+Guarantees: the user's model is never modified (blocks are copied before any change); the cached
+inputs are detached, in the working dtype, and in calibration-batch order.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once it has what it came for."""
+
+
+@dataclass
+class LayerStack:
+    """The model's repeated blocks: ``model.get_submodule(path)[i]`` is block ``i``."""
+
+    path: str
+    blocks: nn.ModuleList
+
+    def block_of(self, module_path: str) -> int | None:
+        """Index of the block that holds ``module_path``, or None."""
+        prefix = f"{self.path}." if self.path else ""
+        if not module_path.startswith(prefix):
+            return None
+        head = module_path[len(prefix) :].split(".", 1)[0]
+        return int(head) if head.isdigit() and int(head) < len(self.blocks) else None
+
+    def relative(self, index: int, module_path: str) -> str:
+        """``module_path`` inside block ``index`` ("" for the block itself)."""
+        prefix = f"{self.path}.{index}" if self.path else str(index)
+        return module_path[len(prefix) + 1 :]
+
+
+def find_layer_stack(model: nn.Module, module_paths: list[str]) -> tuple[LayerStack | None, str]:
+    """The ``ModuleList`` of blocks holding every path in ``module_paths``, or ``(None, why not)``."""
+    if not module_paths:
+        return None, "nothing to compress"
+    first = module_paths[0].split(".")
+    stack = None
+    for depth in range(len(first) - 1):
+        candidate = ".".join(first[:depth])
+        try:
+            module = model.get_submodule(candidate)
+        except AttributeError:
+            break
+        if isinstance(module, nn.ModuleList) and first[depth].isdigit():
+            stack = LayerStack(candidate, module)
+            break
+    if stack is None:
+        return None, "the compressed layers do not sit in a stack of blocks (an nn.ModuleList)"
+    outside = [p for p in module_paths if stack.block_of(p) is None]
+    if outside:
+        return None, f"{outside[0]} lies outside the block stack {stack.path}"
+    layer_types = getattr(getattr(model, "config", None), "layer_types", None)
+    if isinstance(layer_types, (list, tuple)) and len(set(layer_types)) > 1:
+        return None, f"its blocks differ in attention type ({', '.join(sorted(set(map(str, layer_types))))})"
+    return stack, ""
+
+
+def _convert(value, dtype: torch.dtype):
+    """Detach every tensor in ``value``; floating ones go to ``dtype``."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach()
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, tuple):
+        return tuple(_convert(v, dtype) for v in value)
+    if isinstance(value, list):
+        return [_convert(v, dtype) for v in value]
+    if isinstance(value, dict):
+        return {k: _convert(v, dtype) for k, v in value.items()}
+    return value
+
+
+@dataclass
+class BlockInput:
+    """What one block receives for one calibration batch; ``hidden`` is the running hidden state."""
+
+    args: tuple
+    kwargs: dict
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        return self.args[0] if self.args else self.kwargs["hidden_states"]
+
+    def with_hidden(self, hidden: torch.Tensor) -> BlockInput:
+        if self.args:
+            return BlockInput((hidden, *self.args[1:]), self.kwargs)
+        return BlockInput(self.args, {**self.kwargs, "hidden_states": hidden})
+
+
+def micro_batches(batches: list[torch.Tensor], tokens: int, max_tokens: int) -> list[torch.Tensor]:
+    """Re-cut (batch, seq) token batches into batches of at most ``tokens`` tokens, ``max_tokens`` in all."""
+    rows = [row for batch in batches for row in batch]
+    out, used, index = [], 0, 0
+    while index < len(rows) and used < max_tokens:
+        length = rows[index].numel()
+        length = max(length, 1)
+        take = max(1, min(tokens // length, -(-(max_tokens - used) // length)))
+        group = [r for r in rows[index : index + take] if r.numel() == length]
+        out.append(torch.stack(group))
+        used += sum(r.numel() for r in group)
+        index += len(group)
+    return out
+
+
+def _forward_kwargs(model: nn.Module) -> dict:
+    return {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+
+
+@torch.no_grad()
+def capture_inputs(
+    model: nn.Module, stack: LayerStack, batches: list[torch.Tensor], dtype: torch.dtype
+) -> list[BlockInput]:
+    """Block 0's arguments for every calibration batch (the model stops there)."""
+    captured: list[BlockInput] = []
+
+    def grab(module, args, kwargs):
+        captured.append(BlockInput(_convert(args, dtype), _convert(kwargs, dtype)))
+        raise _Stop
+
+    handle = stack.blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    device = next(model.parameters()).device
+    extra = _forward_kwargs(model)
+    try:
+        for batch in batches:
+            try:
+                model(batch.to(device), **extra)
+            except _Stop:
+                pass
+            else:
+                raise RuntimeError(f"{stack.path}.0 was never called by the model's forward")
+    finally:
+        handle.remove()
+    return captured
+
+
+def working_copy(block: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A detached copy of one block, in ``dtype``, that the caller may change at will."""
+    work = copy.deepcopy(block).to(dtype)
+    for parameter in work.parameters():
+        parameter.requires_grad_(False)
+    return work.eval()
+
+
+@torch.no_grad()
+def run(block: nn.Module, inputs: list[BlockInput]) -> Iterator[torch.Tensor | None]:
+    """The block's output hidden state for each input, in order (None where a hook stopped it)."""
+    for item in inputs:
+        try:
+            out = block(*item.args, **item.kwargs)
+        except _Stop:
+            yield None
+            continue
+        yield out[0] if isinstance(out, (tuple, list)) else out
+
+
+def observe_inputs(
+    block: nn.Module,
+    paths: dict[str, Callable[[int, torch.Tensor], None]],
+    stop_after: set[str] | frozenset[str] = frozenset(),
+) -> list[torch.utils.hooks.RemovableHandle]:
+    """Call ``paths[p](batch_index, x)`` with the input of each submodule ``p`` of ``block``.
+
+    ``batch_index`` counts the calls of that submodule, i.e. the calibration batch when every batch
+    runs the block once.  Once every path in ``stop_after`` has been seen for the current batch, the
+    block's forward is cut short (:func:`run` then yields None): what comes after is not needed.
+    Returns the hook handles (remove them when done).
+    """
+    calls = dict.fromkeys(paths, 0)
+    handles = []
+    for path, observer in paths.items():
+
+        def hook(module, args, path=path, observer=observer):
+            observer(calls[path], args[0].detach())
+            calls[path] += 1
+            if path in stop_after and all(calls[p] >= calls[path] for p in stop_after):
+                raise _Stop
+
+        handles.append(block.get_submodule(path).register_forward_pre_hook(hook))
+    return handles
