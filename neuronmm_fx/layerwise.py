@@ -171,6 +171,21 @@ def run(block: nn.Module, inputs: list[BlockInput]) -> Iterator[torch.Tensor | N
         yield out[0] if isinstance(out, (tuple, list)) else out
 
 
+def run_observed(
+    block: nn.Module,
+    inputs: list[BlockInput],
+    observers: dict[str, Callable[[int, torch.Tensor], None]],
+    stop_after: set[str] | frozenset[str] = frozenset(),
+) -> list[torch.Tensor | None]:
+    """:func:`run` with :func:`observe_inputs` hooks in place for the duration; the outputs."""
+    handles = observe_inputs(block, observers, stop_after)
+    try:
+        return list(run(block, inputs))
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def observe_inputs(
     block: nn.Module,
     paths: dict[str, Callable[[int, torch.Tensor], None]],

@@ -99,7 +99,7 @@ def loss_curve(
     return weighted_truncation_loss(singular, weights)
 
 
-def _fisher_of(job: Job, fisher: dict[Hashable, torch.Tensor] | None) -> torch.Tensor | None:
+def fisher_of(job: Job, fisher: dict[Hashable, torch.Tensor] | None) -> torch.Tensor | None:
     if fisher is None:
         return None
     values = fisher[job.module_path]
@@ -130,16 +130,11 @@ def loss_curves_layerwise(
         observers = {
             path: (lambda i, x, key=key, into=grams: into.add(key, x)) for key, path in paths.items()
         }
-        handles = layerwise.observe_inputs(work, observers)
-        try:
-            outputs = list(layerwise.run(work, inputs))
-        finally:
-            for handle in handles:
-                handle.remove()
+        outputs = layerwise.run_observed(work, inputs, observers)
         whitened = {key: whitening(grams.mean(key), inverse=False)[0] for key in grams.grams}
         for job in block_jobs:
             curves[id(job.projection)] = loss_curve(
-                whitened[job.gram_key], job.projection.weight_in_out(), _fisher_of(job, fisher)
+                whitened[job.gram_key], job.projection.weight_in_out(), fisher_of(job, fisher)
             )
         inputs = [item.with_hidden(out) for item, out in zip(inputs, outputs, strict=True)]
         del work

@@ -111,13 +111,7 @@ def _first_stage_grams(work: nn.Module, jobs: list[Job], inputs: list[layerwise.
         observers[job.path] = lambda i, x, rows=rows: rows.append(x.reshape(-1, x.shape[-1]))
     # nothing after the last observed module matters here
     last = {job.path for job in keep} or set(observers)
-    handles = layerwise.observe_inputs(work, observers, stop_after=last)
-    try:
-        for _ in layerwise.run(work, inputs):
-            pass
-    finally:
-        for handle in handles:
-            handle.remove()
+    layerwise.run_observed(work, inputs, observers, stop_after=last)
     return grams, stored
 
 
@@ -194,15 +188,8 @@ def _compress_block(work, jobs: list[Job], inputs, holdout: set[int], factors: d
 
         return observe
 
-    handles = layerwise.observe_inputs(
-        work, {job.path: observer(job) for job in second}, stop_after={job.path for job in second}
-    )
-    try:
-        for _ in layerwise.run(work, inputs):
-            pass
-    finally:
-        for handle in handles:
-            handle.remove()
+    observers = {job.path: observer(job) for job in second}
+    layerwise.run_observed(work, inputs, observers, stop_after=set(observers))
     for job in second:
         weight = job.projection.weight_in_out()
         s_t, s_inv_t = whitening(compressed_grams.grams[id(job)])

@@ -99,7 +99,7 @@ def _curves_one_pass(model, jobs: list[Job], data, fisher, progress) -> dict[int
         id(job.projection): sensitivity.loss_curve(
             whitened[job.gram_key],
             job.projection.weight_in_out(),
-            sensitivity._fisher_of(job, fisher),
+            sensitivity.fisher_of(job, fisher),
         )
         for job in jobs
     }
