@@ -99,7 +99,8 @@ def _holdout(batches: int) -> set[int]:
 
 
 def _first_stage_grams(work: nn.Module, jobs: list[Job], inputs: list[layerwise.BlockInput], keep: list[Job]):
-    """One pass over the block: Grams of the first-stage inputs; the inputs of ``keep`` jobs, stored."""
+    """One pass over the block: Grams of the first-stage inputs, and for each ``keep`` job the dense
+    output ``x·W`` its (dense-weight) input gives, per batch (float32, tokens × out)."""
     grams = GramAccumulator()
     stored: dict[int, list[torch.Tensor]] = {id(job): [] for job in keep}
     observers = {}
@@ -107,8 +108,10 @@ def _first_stage_grams(work: nn.Module, jobs: list[Job], inputs: list[layerwise.
         if job.first_stage:
             observers.setdefault(job.path, lambda i, x, key=job.gram_key: grams.add(key, x))
     for job in keep:
-        rows = stored[id(job)]
-        observers[job.path] = lambda i, x, rows=rows: rows.append(x.reshape(-1, x.shape[-1]))
+        rows, weight = stored[id(job)], job.projection.weight_in_out().float()
+        observers[job.path] = lambda i, x, rows=rows, w=weight: rows.append(
+            x.reshape(-1, x.shape[-1]).float() @ w
+        )
     # nothing after the last observed module matters here
     last = {job.path for job in keep} or set(observers)
     layerwise.run_observed(work, inputs, observers, stop_after=last)
@@ -154,7 +157,7 @@ def compress_layerwise(
 def _compress_block(work, jobs: list[Job], inputs, holdout: set[int], factors: dict, notes: dict) -> None:
     first = [job for job in jobs if job.first_stage]
     second = [job for job in jobs if not job.first_stage]
-    grams, dense_intermediate = _first_stage_grams(work, first, inputs, keep=second)
+    grams, dense_outputs = _first_stage_grams(work, first, inputs, keep=second)
     whitened: dict[Hashable, tuple[torch.Tensor, torch.Tensor]] = {}
     for job in first:
         if job.gram_key not in whitened:
@@ -177,13 +180,13 @@ def _compress_block(work, jobs: list[Job], inputs, holdout: set[int], factors: d
     def observer(job: Job):
         def observe(batch: int, x: torch.Tensor) -> None:
             x = x.reshape(-1, x.shape[-1])
-            dense = dense_intermediate[id(job)][batch]
+            target = dense_outputs[id(job)][batch]  # (tokens, out): what the dense weights gave
             if batch in holdout:
                 held_in[id(job)].append(x)
-                held_target[id(job)].append(dense)
+                held_target[id(job)].append(target)
                 return
             compressed_grams.add(id(job), x)
-            product = (x.float().t() @ dense.float()).double()
+            product = (x.float().t() @ target).double()  # (in, out): Σ h_cᵀ·(h_d·W)
             cross[id(job)] = cross[id(job)] + product if id(job) in cross else product
 
         return observe
@@ -194,13 +197,12 @@ def _compress_block(work, jobs: list[Job], inputs, holdout: set[int], factors: d
         weight = job.projection.weight_in_out()
         s_t, s_inv_t = whitening(compressed_grams.grams[id(job)])
         plain = split_factors(*whitened_svd(s_inv_t, s_t @ weight.double()), job.rank, weight.dtype)
-        # S⁻¹·C·W: the whitened least-squares target (S⁻¹ = (S⁻ᵀ)ᵀ)
-        refit_target = s_inv_t.t() @ (cross[id(job)] @ weight.double())
+        # S⁻¹·C·W: the whitened least-squares target (S⁻¹ = (S⁻ᵀ)ᵀ; ``cross`` already holds C·W)
+        refit_target = s_inv_t.t() @ cross[id(job)]
         refit = split_factors(*whitened_svd(s_inv_t, refit_target), job.rank, weight.dtype)
         if held_in[id(job)]:
-            targets = [t.float() @ weight.float() for t in held_target[id(job)]]
-            plain_error = _output_error(held_in[id(job)], targets, *plain)
-            refit_error = _output_error(held_in[id(job)], targets, *refit)
+            plain_error = _output_error(held_in[id(job)], held_target[id(job)], *plain)
+            refit_error = _output_error(held_in[id(job)], held_target[id(job)], *refit)
         else:  # a single batch: nothing to hold out, the least-squares fit stands
             plain_error, refit_error = float("inf"), 0.0
         if refit_error < plain_error:
