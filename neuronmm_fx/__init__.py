@@ -5,6 +5,7 @@
 """
 
 from neuronmm_fx import ops  # noqa: F401  (registers the neuronmm custom ops)
+from neuronmm_fx.calibration import Calibration, calibrate
 from neuronmm_fx.checkpoint import load_compressed, save_compressed
 from neuronmm_fx.config import OptimizeConfig
 from neuronmm_fx.errors import (
@@ -23,6 +24,7 @@ from neuronmm_fx.report import OptimizeReport
 __version__ = "0.1.0"
 
 __all__ = [
+    "Calibration",
     "CaptureError",
     "CompressedMLP",
     "ConfigError",
@@ -34,6 +36,7 @@ __all__ = [
     "OptimizeConfig",
     "OptimizeReport",
     "UnsupportedModelError",
+    "calibrate",
     "finetune",
     "load_compressed",
     "optimize",
