@@ -180,9 +180,7 @@ def run_demo(args) -> None:
         f"  mean KL(dense ‖ compressed) {fid.kl:.3f} nats/token, "
         f"top-1 agreement {100 * fid.top1_agreement:.1f} %"
     )
-    print(
-        f"  parameters removed: {removed:,} of the MLPs' {total:,} ({100 * removed / total:.1f} %)"
-    )
+    print(f"  parameters removed: {removed:,} of the MLPs' {total:,} ({100 * removed / total:.1f} %)")
     print(
         f"  time: load {loaded:.1f} s, "
         + ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in report.timings.items())

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 
 class _Stop(Exception):
@@ -149,6 +150,38 @@ def capture_inputs(
     finally:
         handle.remove()
     return captured
+
+
+@dataclass
+class Step:
+    """One block of a :func:`walk`: its working copy, its inputs, and (optionally) outputs the caller
+    already computed with the final working copy, so the walk need not run the block again."""
+
+    index: int
+    work: nn.Module
+    inputs: list[BlockInput]
+    outputs: list[torch.Tensor] | None = None
+
+
+def walk(
+    model: nn.Module,
+    stack: LayerStack,
+    batches: list[torch.Tensor],
+    dtype: torch.dtype,
+    last_block: int,
+    desc: str,
+    progress: bool = False,
+) -> Iterator[Step]:
+    """Blocks ``0..last_block`` in order, each as a :class:`Step` whose working copy the caller may
+    change; the next block's inputs are that copy's outputs."""
+    inputs = capture_inputs(model, stack, batches, dtype)
+    for index in tqdm(range(last_block + 1), desc=desc, unit="block", disable=not progress):
+        step = Step(index, working_copy(stack.blocks[index], dtype), inputs)
+        yield step
+        if index < last_block:
+            outputs = step.outputs if step.outputs is not None else run(step.work, inputs)
+            inputs = [item.with_hidden(out) for item, out in zip(inputs, outputs, strict=True)]
+        del step
 
 
 def working_copy(block: nn.Module, dtype: torch.dtype) -> nn.Module:

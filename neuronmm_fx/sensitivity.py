@@ -24,7 +24,6 @@ from collections.abc import Callable, Hashable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from neuronmm_fx import layerwise
 from neuronmm_fx.passes.compress import svd_by_gram, weighted_truncation_loss, whitening
@@ -136,10 +135,8 @@ def loss_curves_layerwise(
     """Loss curves of every job, from Grams measured block by block on the dense model."""
     curves: dict[int, Callable[[int], float]] = {}
     last_block = max(job.block for job in jobs)
-    inputs = layerwise.capture_inputs(model, stack, batches, dtype)
-    for index in tqdm(range(last_block + 1), desc="sensitivity", unit="block", disable=not progress):
-        work = layerwise.working_copy(stack.blocks[index], dtype)
-        block_jobs = [job for job in jobs if job.block == index]
+    for step in layerwise.walk(model, stack, batches, dtype, last_block, "sensitivity", progress):
+        block_jobs = [job for job in jobs if job.block == step.index]
         grams = GramAccumulator()
         paths: dict[Hashable, str] = {}
         for job in block_jobs:  # gate and up read one tensor: one Gram
@@ -147,12 +144,10 @@ def loss_curves_layerwise(
         observers = {
             path: (lambda i, x, key=key, into=grams: into.add(key, x)) for key, path in paths.items()
         }
-        outputs = layerwise.run_observed(work, inputs, observers)
+        step.outputs = layerwise.run_observed(step.work, step.inputs, observers)  # the walk reuses them
         whitened = {key: whitening(grams.mean(key), inverse=False)[0] for key in grams.grams}
         for job in block_jobs:
             curves[id(job.projection)] = loss_curve(
                 whitened[job.gram_key], job.projection.weight_in_out(), fisher_of(job, fisher)
             )
-        inputs = [item.with_hidden(out) for item, out in zip(inputs, outputs, strict=True)]
-        del work
     return curves

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from neuronmm_fx import layerwise
 from neuronmm_fx.passes.compress import split_factors, whitened_svd, whitening
@@ -140,17 +139,11 @@ def compress_layerwise(
         return factors, notes
     last_block = max(job.block for job in todo)
     batches = layerwise.micro_batches(batches, BATCH_TOKENS, sum(b.numel() for b in batches))
-    inputs = layerwise.capture_inputs(model, stack, batches, dtype)
-    holdout = _holdout(len(inputs))
-    for index in tqdm(range(last_block + 1), desc="compress layers", unit="block", disable=not progress):
-        block_jobs = [job for job in todo if job.block == index]
-        work = layerwise.working_copy(stack.blocks[index], dtype)
-        if block_jobs:
-            _compress_block(work, block_jobs, inputs, holdout, factors, notes)
-        if index < last_block:
-            outputs = layerwise.run(work, inputs)
-            inputs = [item.with_hidden(out) for item, out in zip(inputs, outputs, strict=True)]
-        del work
+    holdout = _holdout(len(batches))
+    for step in layerwise.walk(model, stack, batches, dtype, last_block, "compress layers", progress):
+        block_jobs = [job for job in todo if job.block == step.index]
+        if block_jobs:  # compresses the working copy in place: the walk then advances with it
+            _compress_block(step.work, block_jobs, step.inputs, holdout, factors, notes)
     return factors, notes
 
 
