@@ -40,8 +40,9 @@ class OptimizeConfig:
              each down projection to the dense output (needs a stack of blocks; otherwise every Gram
              comes from the dense model in one pass, and the report says why).
     sensitivity_tokens: calibration tokens used to measure each matrix's loss curve (global allocation).
-    calibration_dtype: ``"bfloat16"`` or ``"float32"``: dtype of the block-by-block forward passes
-             (Grams are accumulated in float64 either way; the model itself is not converted).
+    calibration_dtype: ``"bfloat16"`` or ``"float32"``: dtype of the self-written text's sampling and
+             of the block-by-block forward passes (Grams are accumulated in float64 either way; the
+             model itself is not converted).
     dump_dir: where to write each site's graph before and after every pass (text and DOT).
     verify:  before installing a rewrite, check that its uncompressed form reproduces the module it
              replaces on the example inputs; a site that fails is skipped with the reason.

@@ -19,6 +19,7 @@ at a time, so memory grows with one layer; only the curves (a few numbers per ma
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Hashable
 
 import torch
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from neuronmm_fx import layerwise
+from neuronmm_fx.calibration import forward_precision
 from neuronmm_fx.passes.compress import svd_by_gram, weighted_truncation_loss, whitening
 from neuronmm_fx.sequential import GramAccumulator, Job
 
@@ -33,6 +35,8 @@ FISHER_MICROBATCH_TOKENS = 512  # tokens per backward pass (longer rows are cut 
 #   activations kept for autograd.  On SmolLM2, 512-token pieces cost 0.9 GiB more peak memory than
 #   128-token pieces, but the Fisher of 128-token contexts allocated worse: 2.26×/2.54× dense
 #   perplexity (WikiText/Python text) against 2.03×/2.15× at ratio 0.2.  Quality wins.
+HEAD_CHUNK_TOKENS = 128  # positions whose logits exist at once (a 512-token piece's logits alone are
+#   96 MiB in float32 for a 49k vocabulary; softmax and gradient triple that)
 
 
 def _cut(batches: list[torch.Tensor], length: int) -> list[torch.Tensor]:
@@ -46,13 +50,76 @@ def _cut(batches: list[torch.Tensor], length: int) -> list[torch.Tensor]:
     return pieces
 
 
+def _plain_head(model: nn.Module) -> nn.Linear | None:
+    """The model's output projection if the logits are exactly ``head(hidden)`` (no soft-capping),
+    so the loss may be taken through it a few positions at a time; otherwise None."""
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    softcapped = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    if not isinstance(head, nn.Linear) or softcapped:
+        return None
+    return head
+
+
+def _next_token_backward(
+    model: nn.Module, head: nn.Linear | None, batch: torch.Tensor, leaf: dict[str, torch.Tensor]
+) -> str:
+    """Back-propagate the summed next-token loss of ``batch`` (rows, tokens) to ``leaf["x"]``.
+
+    With a plain ``head`` the forward stops at the head's input ``h`` (rows, tokens, width); the
+    loss's gradient at ``h`` is formed ``HEAD_CHUNK_TOKENS`` positions at a time, and one backward
+    pass carries it into the blocks.  Returns "" or why no loss could be taken.
+    """
+    captured: dict[str, torch.Tensor] = {}
+
+    def stop_at_head(module, args):
+        captured["h"] = args[0]
+        raise layerwise.StopForward
+
+    handle = head.register_forward_pre_hook(stop_at_head) if head is not None else None
+    try:
+        out = model(batch, use_cache=False)
+    except layerwise.StopForward:
+        out = None
+    finally:
+        if handle is not None:
+            handle.remove()
+    targets = batch[:, 1:]  # (rows, tokens - 1)
+    if out is None:
+        hidden = captured["h"]
+        grad = torch.zeros_like(hidden)  # the last position predicts nothing: its gradient stays 0
+        for start in range(0, targets.shape[1], HEAD_CHUNK_TOKENS):
+            stop = start + HEAD_CHUNK_TOKENS
+            part = hidden[:, start : min(stop, targets.shape[1])].detach().requires_grad_(True)
+            logits = head(part)  # (rows, chunk, vocabulary)
+            chunk_targets = targets[:, start:stop].flatten()
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), chunk_targets, reduction="sum")
+            grad[:, start : start + part.shape[1]] = torch.autograd.grad(loss, part)[0]
+        torch.autograd.grad(hidden, leaf["x"], grad_outputs=grad)
+        return ""
+    logits = getattr(out, "logits", None)
+    if logits is None:
+        return "the model returns no logits to take a next-token loss of"
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum")
+    torch.autograd.grad(loss, leaf["x"])
+    return ""
+
+
 def output_fisher(
-    model: nn.Module, outputs: dict[Hashable, str], batches: list[torch.Tensor], max_tokens: int
+    model: nn.Module,
+    outputs: dict[Hashable, str],
+    batches: list[torch.Tensor],
+    max_tokens: int,
+    stack: layerwise.LayerStack | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[dict[Hashable, torch.Tensor] | None, str]:
     """Mean squared gradient of the next-token loss at every output channel of the given modules.
 
     ``outputs`` maps a key to the path of an ``nn.Linear``/``Conv1D``.  Gradients flow to the
-    activations only: no parameter's ``.grad`` or ``requires_grad`` is touched.  Returns
+    activations only: no parameter's ``.grad`` or ``requires_grad`` is touched.  With the model's
+    block ``stack`` given, the blocks run under activation checkpointing, so the backward pass holds
+    one block's activations at a time.  The forward and backward passes run in ``dtype`` (autocast);
+    on SmolLM2, bfloat16 took 10.2 s where float32 took 14.0 s, and the Fisher values of all 90
+    matrices agreed to within 3 % in sum (log-correlation ≥ 0.998 per matrix).  Returns
     ``(None, why)`` for a model that has no token embedding or no logits.
     """
     embeddings = getattr(model, "get_input_embeddings", lambda: None)()
@@ -81,20 +148,17 @@ def output_fisher(
     handles = [embeddings.register_forward_hook(make_leaf)]
     handles += [model.get_submodule(path).register_forward_hook(watch(key)) for key, path in outputs.items()]
     device = next(model.parameters()).device
+    head = _plain_head(model)
+    checkpointing = layerwise.checkpointed(stack) if stack is not None else contextlib.nullcontext()
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), checkpointing, forward_precision(model, dtype):
             for batch in layerwise.micro_batches(
                 _cut(batches, FISHER_MICROBATCH_TOKENS), FISHER_MICROBATCH_TOKENS, max_tokens
             ):
-                batch = batch.to(device)
-                out = model(batch, use_cache=False)
-                logits = getattr(out, "logits", None)
-                if logits is None:
-                    return None, "the model returns no logits to take a next-token loss of"
-                loss = F.cross_entropy(
-                    logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"
-                )
-                torch.autograd.grad(loss, leaf["x"])
+                why = _next_token_backward(model, head, batch.to(device), leaf)
+                if why:
+                    return None, why
+                layerwise.release_free_memory()
     finally:
         for handle in handles:
             handle.remove()

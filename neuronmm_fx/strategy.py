@@ -114,7 +114,12 @@ def _measure_curves(model, stack, jobs, data, config: OptimizeConfig) -> tuple[d
     if missing:
         subset = layerwise.micro_batches(data.batches, 1 << 30, config.sensitivity_tokens)
         fisher, why = sensitivity.output_fisher(
-            model, {job.module_path: job.module_path for job in missing}, subset, config.sensitivity_tokens
+            model,
+            {job.module_path: job.module_path for job in missing},
+            subset,
+            config.sensitivity_tokens,
+            stack,
+            CALIBRATION_DTYPES[config.calibration_dtype],
         )
         if fisher is None:
             note = f"whitened truncation error, unweighted ({why})"
@@ -159,6 +164,7 @@ def plan(
             config.calibration_seq_len,
             config.calibration_tokens,
             config.progress,
+            CALIBRATION_DTYPES[config.calibration_dtype],
         )
         if data is None and config.method == "whiten":
             raise ConfigError(

@@ -116,6 +116,38 @@ def test_sensitivity_ranks_the_matrix_whose_compression_hurts_more_above_the_oth
     assert decisions["loud"].rank is None or decisions["loud"].rank > quiet_rank
 
 
+def test_checkpointed_fisher_equals_the_plain_backward_and_leaves_the_blocks_as_they_were():
+    from neuronmm_fx import layerwise
+
+    model = tiny_model("llama")
+    paths = [name for name, module in model.named_modules() if name.endswith("mlp.down_proj")]
+    stack, why = layerwise.find_layer_stack(model, paths)
+    assert stack is not None, why
+    batches = [token_ids(batch=2, length=24)]
+    outputs = {path: path for path in paths}
+    plain, _ = sensitivity.output_fisher(model, outputs, batches, 1024)
+    saved_activations = []
+
+    def count(tensor):
+        saved_activations.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+        checkpointed, _ = sensitivity.output_fisher(model, outputs, batches, 1024, stack)
+    for path in paths:
+        torch.testing.assert_close(checkpointed[path], plain[path], rtol=1e-5, atol=1e-12)
+    assert all("forward" not in vars(block) for block in stack.blocks)
+    assert all(p.grad is None for p in model.parameters())
+    # only block inputs (and the head's tensors) are saved for backward, not every block's internals
+    with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+        saved_activations.clear()
+        sensitivity.output_fisher(model, outputs, batches, 1024)
+        plain_saved = sum(saved_activations)
+        saved_activations.clear()
+        sensitivity.output_fisher(model, outputs, batches, 1024, stack)
+        assert sum(saved_activations) < plain_saved / 2
+
+
 def test_the_default_call_allocates_globally_by_measured_sensitivity():
     model = neuronmm_fx.optimize(tiny_model("llama"), ratio=0.3, block=8)
     report = neuronmm_fx.report_of(model)
