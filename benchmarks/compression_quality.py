@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 
 import neuronmm_fx
-from neuronmm_fx.calibration import split_tokens
+from neuronmm_fx.compress.calibration import split_tokens
+from neuronmm_fx.compress.finetune import FinetuneConfig
 from neuronmm_fx.evaluate import quality, reference_log_probs
-from neuronmm_fx.finetune import FinetuneConfig
 from neuronmm_fx.models import demo_text, load_smollm2
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"

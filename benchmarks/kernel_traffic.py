@@ -5,7 +5,7 @@ For the up-projection shape (hidden K -> intermediate N) of three LLaMA MLPs at 
 on trn1 (NeuronCore-v2) and trn2 (NeuronCore-v3).  Every figure is counted by running the project's
 kernels on the CPU stand-in for NKI in shape-only mode (kernel code executed, hardware rules checked,
 no values computed).  Times and utilisations are a roofline model -- max(TensorE cycles / clock,
-HBM bytes / bandwidth) with the per-instruction cycle estimate of the notes -- not measurements.
+HBM bytes / bandwidth) with the per-instruction cycle estimate of docs/kernels.md -- not measurements.
 
 Run: python benchmarks/kernel_traffic.py [--models 1B,3B,8B] [--tokens 1,128,...] [--jobs 2]
 """

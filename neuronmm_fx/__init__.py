@@ -5,20 +5,23 @@
 """
 
 from neuronmm_fx import ops  # noqa: F401  (registers the neuronmm custom ops)
-from neuronmm_fx.calibration import Calibration, calibrate
+from neuronmm_fx.api import optimize, report_of
 from neuronmm_fx.checkpoint import load_compressed, save_compressed
+from neuronmm_fx.compress.calibration import Calibration, calibrate
+from neuronmm_fx.compress.finetune import FinetuneConfig, finetune
 from neuronmm_fx.config import OptimizeConfig
 from neuronmm_fx.errors import (
     CaptureError,
+    CheckpointError,
     ConfigError,
     NeuronMMError,
     NothingToCompressError,
+    PassCheckError,
     UnsupportedModelError,
 )
-from neuronmm_fx.finetune import FinetuneConfig, finetune
 from neuronmm_fx.kernels.dispatch import use_standin_kernels
 from neuronmm_fx.modules import CompressedMLP, Factors, LowRankLinear
-from neuronmm_fx.pipeline import optimize, report_of
+from neuronmm_fx.neuron import NeuronSDKError
 from neuronmm_fx.report import OptimizeReport
 
 __version__ = "0.1.0"
@@ -26,15 +29,18 @@ __version__ = "0.1.0"
 __all__ = [
     "Calibration",
     "CaptureError",
+    "CheckpointError",
     "CompressedMLP",
     "ConfigError",
     "Factors",
     "FinetuneConfig",
     "LowRankLinear",
     "NeuronMMError",
+    "NeuronSDKError",
     "NothingToCompressError",
     "OptimizeConfig",
     "OptimizeReport",
+    "PassCheckError",
     "UnsupportedModelError",
     "calibrate",
     "finetune",

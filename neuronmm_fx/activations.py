@@ -17,19 +17,20 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
+# name -> (torch function, keyword arguments): the one table of what each name computes
+ACTIVATION_CALLS: dict[str, tuple[Callable[..., torch.Tensor], dict]] = {
+    "silu": (F.silu, {}),
+    "gelu": (F.gelu, {}),
+    "gelu_tanh": (F.gelu, {"approximate": "tanh"}),
+    "relu": (F.relu, {}),
 }
 
-ACTIVATION_NAMES: tuple[str, ...] = tuple(_ACTIVATIONS)
+ACTIVATION_NAMES: tuple[str, ...] = tuple(ACTIVATION_CALLS)
 
 
 def check_activation(name: str) -> str:
     """Return ``name`` if it is a supported activation, else raise a ``ValueError`` naming the choices."""
-    if name not in _ACTIVATIONS:
+    if name not in ACTIVATION_CALLS:
         raise ValueError(
             f"unknown activation {name!r}: neuronmm supports {', '.join(repr(a) for a in ACTIVATION_NAMES)}"
         )
@@ -38,4 +39,5 @@ def check_activation(name: str) -> str:
 
 def apply_activation(name: str, x: torch.Tensor) -> torch.Tensor:
     """Apply the activation called ``name`` to ``x``."""
-    return _ACTIVATIONS[check_activation(name)](x)
+    function, kwargs = ACTIVATION_CALLS[check_activation(name)]
+    return function(x, **kwargs)

@@ -4,7 +4,7 @@ A checkpoint is a folder with
 
 * ``model.safetensors``: the whole ``state_dict`` (shared tensors such as tied embeddings stored once);
 * ``neuronmm_recipe.json``: what ``optimize()`` did: method, ratio, block, allocation, the library
-  version, the model class, and for every replaced module its path, its kind and its parameter
+  version, the model class, and for every replaced module its path, its pattern and its parameter
   shapes (so every rank is there).
 
 Loading rebuilds the replaced modules from the recipe's shapes alone (no capture, no SVD, no
@@ -22,33 +22,29 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from neuronmm_fx.errors import NeuronMMError
-from neuronmm_fx.modules import CompressedMLP, Factors, LowRankLinear
-from neuronmm_fx.pipeline import REPORT_ATTRIBUTE, report_of
+from neuronmm_fx.api import REPORT_ATTRIBUTE, report_of
+from neuronmm_fx.errors import CheckpointError
+from neuronmm_fx.modules import Factors
+from neuronmm_fx.passes.match import GATED, LOWRANK, PLAIN
+from neuronmm_fx.patterns import pattern_of, pattern_of_module
 
 RECIPE_FILE = "neuronmm_recipe.json"
 WEIGHTS_FILE = "model.safetensors"
-RECIPE_FORMAT = 1
+RECIPE_FORMAT = 2  # 2: replaced modules described by pattern; format 1 (by class name) still loads
+READABLE_FORMATS = (1, 2)
 
 
-class CheckpointError(NeuronMMError, ValueError):
-    """A checkpoint does not fit the model it is loaded onto."""
 
 
 def _describe(module: nn.Module) -> dict:
-    shapes = {name: list(p.shape) for name, p in module.named_parameters(recurse=False)}
-    if isinstance(module, CompressedMLP):
-        return {
-            "kind": "CompressedMLP",
-            "activation": module.activation,
-            "gated": module.gated,
-            "shapes": shapes,
-        }
-    if isinstance(module, LowRankLinear):
-        return {"kind": "LowRankLinear", "shapes": shapes}
+    """What the recipe stores to rebuild one replaced module: its pattern, activation and shapes."""
     if isinstance(module, nn.Identity):
         return {"kind": "Identity"}
-    raise CheckpointError(f"cannot describe a replaced module of type {type(module).__name__}")
+    pattern = pattern_of_module(module)
+    if pattern is None:
+        raise CheckpointError(f"cannot describe a replaced module of type {type(module).__name__}")
+    shapes = {name: list(p.shape) for name, p in module.named_parameters(recurse=False)}
+    return {"pattern": pattern.name, "activation": getattr(module, "activation", None), "shapes": shapes}
 
 
 def recipe(model: nn.Module) -> dict:
@@ -89,26 +85,32 @@ def _empty(shape, dtype) -> torch.Tensor | None:
     return None if shape is None else torch.empty(shape, dtype=dtype)
 
 
+_FORMAT_1_KINDS = {"LowRankLinear": LOWRANK, "CompressedMLP": (GATED, PLAIN)}  # recipes before "pattern"
+
+
 def _build(description: dict, dtype: torch.dtype) -> nn.Module:
-    kind, shapes = description["kind"], description.get("shapes", {})
+    """An empty module of the described pattern and shapes, for the saved tensors to load into."""
+    kind = description.get("kind")
     if kind == "Identity":
         return nn.Identity()
-    if kind == "LowRankLinear":
-        return LowRankLinear(
-            Factors(_empty(shapes["u"], dtype), _empty(shapes["v"], dtype), _empty(shapes.get("bias"), dtype))
+    name = description.get("pattern")
+    if name is None and kind in _FORMAT_1_KINDS:
+        name = _FORMAT_1_KINDS[kind]
+        if isinstance(name, tuple):
+            name = name[0] if description.get("gated") else name[1]
+    try:
+        pattern = pattern_of(name)
+    except KeyError as error:
+        raise CheckpointError(f"unknown module {name or kind!r} in the recipe") from error
+    shapes = description.get("shapes", {})
+    prefix = "" if pattern.name == LOWRANK else "{role}_"
+    factors = {
+        role: Factors(
+            *(_empty(shapes.get(prefix.format(role=role) + part), dtype) for part in ("u", "v", "bias"))
         )
-    if kind == "CompressedMLP":
-        roles = ("gate", "up", "down") if description["gated"] else ("in", "out")
-        factors = {
-            role: Factors(*(_empty(shapes.get(f"{role}_{part}"), dtype) for part in ("u", "v", "bias")))
-            for role in roles
-        }
-        if description["gated"]:
-            return CompressedMLP(
-                description["activation"], factors["gate"], factors["down"], up=factors["up"]
-            )
-        return CompressedMLP(description["activation"], factors["in"], factors["out"])
-    raise CheckpointError(f"unknown module kind {kind!r} in the recipe")
+        for role in pattern.roles
+    }
+    return pattern.build(description.get("activation"), factors)
 
 
 def load_compressed(model: nn.Module, folder: str | Path) -> nn.Module:
@@ -120,8 +122,10 @@ def load_compressed(model: nn.Module, folder: str | Path) -> nn.Module:
             f"{folder} is not a neuronmm_fx checkpoint (needs {RECIPE_FILE} and {WEIGHTS_FILE})"
         )
     saved = json.loads(recipe_path.read_text())
-    if saved.get("library") != "neuronmm_fx" or saved.get("format") != RECIPE_FORMAT:
-        raise CheckpointError(f"{recipe_path} is not a neuronmm_fx recipe of format {RECIPE_FORMAT}")
+    if saved.get("library") != "neuronmm_fx" or saved.get("format") not in READABLE_FORMATS:
+        raise CheckpointError(
+            f"{recipe_path} is not a neuronmm_fx recipe of format {' or '.join(map(str, READABLE_FORMATS))}"
+        )
     if saved["model_class"] != type(model).__name__:
         raise CheckpointError(f"the checkpoint is for a {saved['model_class']}, not a {type(model).__name__}")
     _check_architecture(model, saved["report"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,8 +20,8 @@ CALIBRATION_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 class OptimizeConfig:
     """What to compress and how.
 
-    ratio:   fraction of each compressed matrix's parameters removed, 0 < ratio < 1.  The rank of a
-             K×N matrix is ``(1 − ratio)·K·N/(K+N)`` floored to a multiple of ``block``.
+    ratio:   fraction of the compressed MLPs' parameters removed, 0 < ratio < 1.  ``allocation``
+             decides how that budget is spread over the matrices.
     block:   rank alignment; 128 matches Trainium's partitions, a CPU or GPU target may use less.
     include: ``fnmatch`` patterns on a site's module path; only matching sites are rewritten
              (empty: every site).
@@ -63,7 +63,6 @@ class OptimizeConfig:
     dump_dir: Path | None = None
     verify: bool = True
     progress: bool = False
-    extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         ratio, block = self.ratio, self.block

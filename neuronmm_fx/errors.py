@@ -21,3 +21,11 @@ class NothingToCompressError(NeuronMMError):
 
 class CaptureError(NeuronMMError, RuntimeError):
     """``torch.export`` could not capture the model with the example inputs."""
+
+
+class CheckpointError(NeuronMMError, ValueError):
+    """A checkpoint does not fit the model it is loaded onto, or is not a neuronmm_fx checkpoint."""
+
+
+class PassCheckError(NeuronMMError, AssertionError):
+    """A graph pass broke one of the guarantees its docstring states (checked while checks are on)."""

@@ -21,8 +21,8 @@ from torch import nn
 from torch.export import Dim, ExportedProgram
 
 from neuronmm_fx import ops  # noqa: F401  (registers the neuronmm custom ops before any load)
-from neuronmm_fx.backend import neuronmm_op
 from neuronmm_fx.errors import CaptureError
+from neuronmm_fx.frontends.dynamo import neuronmm_op
 
 
 class CausalLMLogits(nn.Module):

@@ -89,11 +89,14 @@ class CompressedMLP(nn.Module):
     Plain (``up`` None): ``out(act(in(x)))`` with parameters ``in_*`` and ``out_*``.
     """
 
+    GATED_ROLES = ("gate", "up", "down")
+    PLAIN_ROLES = ("in", "out")
+
     def __init__(self, activation: str, first: Factors, last: Factors, up: Factors | None = None) -> None:
         super().__init__()
         self.activation = check_activation(activation)
         self.gated = up is not None
-        self._roles = ("gate", "up", "down") if self.gated else ("in", "out")
+        self._roles = self.GATED_ROLES if self.gated else self.PLAIN_ROLES
         for role, factors in zip(
             self._roles, (first, up, last) if self.gated else (first, last), strict=True
         ):

@@ -30,7 +30,6 @@ log = logging.getLogger("neuronmm_fx.neuron")
 NEURON_PIP_INDEX = "https://pip.repos.neuron.amazonaws.com"
 NEURON_SETUP_DOCS = "https://awsdocs-neuron.readthedocs-hosted.com/en/latest/setup/index.html"
 OPS = ("xuv", "svd_mlp")
-LAUNCHERS = {"xuv": "nki_xuv", "svd_mlp": "nki_svd_mlp"}  # device launchers in neuronmm_fx.kernels.dispatch
 
 
 class NeuronSDKError(NeuronMMError, RuntimeError):
@@ -103,11 +102,8 @@ class KernelRegistration:
 
 
 def _launcher(dispatch: ModuleType, op: str):
-    """The device implementation of ``op``: ``dispatch.nki_<op>`` if the kernels provide one, else the
-    mode-switching launcher ``dispatch.<op>`` run inside ``dispatch.use_nki_kernels()``; or None."""
-    direct = getattr(dispatch, LAUNCHERS[op], None)
-    if callable(direct):
-        return direct
+    """The device implementation of ``op``: the launcher ``dispatch.<op>`` (the op's own signature) run
+    inside ``dispatch.use_nki_kernels()``; None if the kernels lack either."""
     launcher, mode = getattr(dispatch, op, None), getattr(dispatch, "use_nki_kernels", None)
     if not (callable(launcher) and callable(mode)):
         return None
@@ -124,9 +120,8 @@ def register_neuron_kernels(device_type: str | None = None) -> KernelRegistratio
     """Register the NKI kernels as the ``neuronmm`` ops' implementation for the SDK's device.
 
     Only when the SDK imports; safe to call many times and when the kernels are absent (then nothing
-    is registered and ``reason`` says why).  The launchers come from
-    ``neuronmm_fx.kernels.dispatch``: ``nki_xuv`` / ``nki_svd_mlp`` when defined, else its ``xuv`` /
-    ``svd_mlp`` launchers run in ``use_nki_kernels()`` mode (same signatures as the ops).
+    is registered and ``reason`` says why).  The launchers are ``neuronmm_fx.kernels.dispatch``'s
+    ``xuv`` / ``svd_mlp`` run in ``use_nki_kernels()`` mode (same signatures as the ops).
     """
     status = sdk_status()
     if not status.torch_neuronx:
@@ -147,7 +142,7 @@ def register_neuron_kernels(device_type: str | None = None) -> KernelRegistratio
             continue
         launcher = _launcher(dispatch, op)
         if launcher is None:
-            missing.append(f"neuronmm_fx.kernels.dispatch.{LAUNCHERS[op]} (or {op} + use_nki_kernels)")
+            missing.append(f"neuronmm_fx.kernels.dispatch.{op} with use_nki_kernels")
             continue
         torch.library.register_kernel(f"neuronmm::{op}", device_type, launcher)
         _REGISTERED.add((op, device_type))
@@ -199,7 +194,7 @@ def trace(
 
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     if ratio is not None:
-        from neuronmm_fx.pipeline import optimize
+        from neuronmm_fx.api import optimize
 
         model = optimize(model, ratio, block=block, example_inputs=inputs, **(optimize_options or {}))
     if register_kernels:

@@ -17,8 +17,10 @@ Both ops accept float32, bfloat16 and float16.  The PyTorch implementation accum
 whatever the input precision and casts the result back to ``x``'s dtype, as the NKI kernels do
 (PSUM is fp32).  Each op has a fake (meta) implementation for ``torch.compile``/``torch.export``,
 an autograd formula (by recomputation, so the factors can be fine-tuned), and dispatches to the NKI
-kernels (:mod:`neuronmm_fx.kernels.dispatch`) when they are selected.  The Neuron device
-implementation is registered by :mod:`neuronmm_fx.kernels` when the SDK is importable.
+kernels through :mod:`neuronmm_fx.kernels.dispatch` when they are selected
+(:func:`~neuronmm_fx.kernels.dispatch.use_standin_kernels`: the NKI kernels run on the CPU stand-in).
+The Neuron device implementation is registered by
+:func:`neuronmm_fx.neuron.register_neuron_kernels`, only where the SDK imports.
 """
 
 from __future__ import annotations

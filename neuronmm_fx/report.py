@@ -1,8 +1,15 @@
-"""What ``optimize()`` did, as data (``to_dict``) and as a readable table (``str``)."""
+"""What the pipeline did, as data: one family of report types for both routes.
+
+:class:`OptimizeReport` is what ``optimize()`` did to a model (``to_dict``, ``to_json``, a readable
+table as ``str``); :class:`GraphRecord` is what the compile backend did to one graph Dynamo handed
+over.  Both are made of the same parts: a :class:`SiteReport` per rewritten site (with a
+:class:`MatrixReport` per projection) and a :class:`SkippedSite` per site left alone, with why.
+"""
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 
@@ -15,11 +22,27 @@ class MatrixReport:
     in_features: int
     out_features: int
     rank: int | None  # None: left dense
-    method: str  # svd / existing / dense
+    method: str  # svd / whiten (factored now), existing (a low-rank chain reused) or dense
     params_before: int
     params_after: int
     reason: str = ""  # why it stayed dense
     method_note: str = ""  # why this factorization method was used
+
+
+def matrix_report(result, method_note: str = "") -> MatrixReport:
+    """The report of one :class:`~neuronmm_fx.compress.factorize.CompressedProjection`."""
+    return MatrixReport(
+        result.name,
+        result.role,
+        result.in_features,
+        result.out_features,
+        result.rank,
+        result.method,
+        result.params_before,
+        result.params_after,
+        result.reason,
+        method_note,
+    )
 
 
 @dataclass
@@ -29,8 +52,8 @@ class SiteReport:
     path: str
     pattern: str  # gated_mlp / plain_mlp / lowrank
     activation: str | None
-    installed: str  # module / chain / per_matrix
-    replaced: list[str]  # module paths swapped in the model
+    installed: str  # optimize(): module / chain / per_matrix; compile: the op, e.g. neuronmm::svd_mlp
+    replaced: list[str]  # optimize(): module paths swapped in the model; compile: the op's node
     matrices: list[MatrixReport]
     note: str = ""
 
@@ -41,6 +64,11 @@ class SiteReport:
     @property
     def params_after(self) -> int:
         return sum(m.params_after for m in self.matrices)
+
+    def describe(self) -> str:
+        """One line: pattern, where, what it became, and each matrix's method and rank."""
+        parts = ", ".join(f"{m.role}: {m.method}" + (f" r={m.rank}" if m.rank else "") for m in self.matrices)
+        return f"{self.pattern} at {self.path or '<root>'} -> {self.installed} ({parts})"
 
 
 @dataclass
@@ -143,3 +171,42 @@ class OptimizeReport:
 
 def _tail(text: str, width: int) -> str:
     return text if len(text) <= width else "…" + text[-(width - 1) :]
+
+
+@dataclass
+class GraphRecord:
+    """What the compile backend found and did in one graph Dynamo compiled."""
+
+    index: int
+    compile_id: str
+    compiler: str
+    sites: list[SiteReport] = field(default_factory=list)
+    skipped: list[SkippedSite] = field(default_factory=list)
+    existing: Counter = field(default_factory=Counter)  # neuronmm ops already in the graph
+    dense_linears: list[str] = field(default_factory=list)  # linear layers left as they were
+    op_counts: Counter = field(default_factory=Counter)  # neuronmm ops in the graph handed downstream
+    frozen_inputs: int = 0  # factors computed at compile time and passed as extra inputs (ratio=)
+    factorization: str = ""  # how dense matrices were factored (said once per graph)
+    before: str = ""
+    after: str = ""
+
+    def count(self, op: str) -> int:
+        """``neuronmm`` ops of kind ``op`` ("xuv", "svd_mlp" or the qualified name) after the rewrite."""
+        return self.op_counts[op if "::" in op else f"neuronmm::{op}"]
+
+    def summary(self) -> str:
+        head = f"graph {self.index:03d} [{self.compile_id}] -> {self.compiler}: "
+        ops_after = ", ".join(f"{n} x{c}" for n, c in sorted(self.op_counts.items())) or "no neuronmm op"
+        lines = [head + ops_after]
+        if self.existing:
+            found = ", ".join(f"{n} x{c}" for n, c in sorted(self.existing.items()))
+            lines.append(f"  already in the graph: {found}")
+        lines += [f"  rewrote {site.describe()}" for site in self.sites]
+        lines += [f"  left alone: {s.pattern} at {s.path or '<root>'}: {s.reason}" for s in self.skipped]
+        if self.frozen_inputs:
+            lines.append(f"  {self.frozen_inputs} factor tensor(s) computed at compile time (freezing)")
+        if self.factorization:
+            lines.append(f"  factorization: {self.factorization}")
+        if self.dense_linears:
+            lines.append(f"  {len(self.dense_linears)} other linear layer(s) unchanged")
+        return "\n".join(lines)

@@ -8,13 +8,15 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_decoder
+from helpers import tiny_decoder
 from torch import nn
 
 import neuronmm_fx
 from neuronmm_fx import backend, ops
+from neuronmm_fx.compress.ranks import uniform_rank
+from neuronmm_fx.frontends import dynamo
 from neuronmm_fx.modules import CompressedMLP
-from neuronmm_fx.passes.compress import uniform_rank
+from neuronmm_fx.passes.ir import clean_module_path
 
 EAGER = {"compiler": "eager"}
 
@@ -125,9 +127,9 @@ def test_dense_model_without_ratio_stays_dense_and_correct():
     got = logits(torch.compile(model, backend="neuronmm", options=EAGER))
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
     (record,) = backend.records()
-    assert not record.op_counts and not record.rewrites
-    assert len(record.left_alone) == 2 and all("stays dense" in why for why in record.left_alone)
-    assert "neuronmm" not in record.after.replace("neuronmm.", "")  # no op, only metadata names
+    assert not record.op_counts and not record.sites
+    assert len(record.skipped) == 2 and all("stays dense" in s.reason for s in record.skipped)
+    assert "neuronmm.svd_mlp" not in record.after and "neuronmm.xuv" not in record.after
     assert len(record.dense_linears) == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer + lm_head
 
 
@@ -141,9 +143,10 @@ def test_svd_llm_pairs_become_neuronmm_ops_from_the_existing_weights(monkeypatch
     assert calls == {"xuv": 2, "svd_mlp": 2}
     (record,) = backend.records()
     assert record.count("svd_mlp") == 2 and record.count("xuv") == 2
-    mlps = [r for r in record.rewrites if r.op == backend.SVD_MLP]
+    mlps = [r for r in record.sites if r.installed == "neuronmm::svd_mlp"]
     assert {r.path for r in mlps} == {"model.layers.0.mlp", "model.layers.1.mlp"}
-    assert all(set(r.methods.values()) == {"existing"} and set(r.ranks.values()) == {16} for r in mlps)
+    assert all({m.method for m in r.matrices} == {"existing"} for r in mlps)
+    assert all({m.rank for m in r.matrices} == {16} for r in mlps)
     assert record.frozen_inputs == 0
     assert "get_attr" not in record.after  # built from the weight placeholders: no new tensors
 
@@ -159,7 +162,7 @@ def test_graph_break_still_fuses_every_mlp_and_the_dump_says_where(monkeypatch, 
     records = backend.records()
     assert len(records) >= 2  # the break split the forward
     assert calls["svd_mlp"] == 2  # each layer's MLP ran fused
-    rewritten = [r for record in records for r in record.rewrites if r.op == backend.SVD_MLP]
+    rewritten = [r for record in records for r in record.sites if r.installed == "neuronmm::svd_mlp"]
     assert rewritten and all(r.pattern == "gated_mlp" for r in rewritten)
 
     summary = (tmp_path / "summary.txt").read_text()
@@ -167,7 +170,7 @@ def test_graph_break_still_fuses_every_mlp_and_the_dump_says_where(monkeypatch, 
         folder = tmp_path / f"graph_{record.index:03d}"
         assert (folder / "0_dynamo.txt").exists() and (folder / "1_neuronmm.dot").exists()
         assert f"graph {record.index:03d} [{record.compile_id}]" in summary
-    fused = next(r for r in records if r.rewrites)
+    fused = next(r for r in records if r.sites)
     after = (tmp_path / f"graph_{fused.index:03d}" / "1_neuronmm.txt").read_text()
     assert "neuronmm.svd_mlp" in after and "neuronmm.xuv" in after
     before = (tmp_path / f"graph_{fused.index:03d}" / "0_dynamo.txt").read_text()
@@ -199,7 +202,7 @@ def test_ratio_compresses_on_the_fly(monkeypatch):
     assert calls["svd_mlp"] == 2
     (record,) = backend.records()
     assert record.count("svd_mlp") == 2 and record.frozen_inputs == 2 * 3 * 2
-    assert all(set(r.methods.values()) == {"svd"} for r in record.rewrites)
+    assert all({m.method for m in r.matrices} == {"svd"} for r in record.sites)
     assert sum(isinstance(m, CompressedMLP) for m in model.modules()) == 0
 
 
@@ -236,10 +239,10 @@ def test_plain_lowrank_mlp_and_lone_chain():
     got = torch.compile(model, backend="neuronmm", options=EAGER)(x)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     (record,) = backend.records()
-    patterns = sorted(r.pattern for r in record.rewrites)
+    patterns = sorted(r.pattern for r in record.sites)
     assert patterns == ["lowrank", "plain_mlp"]
-    plain = next(r for r in record.rewrites if r.pattern == "plain_mlp")
-    assert plain.methods == {"in": "existing", "out": "dense"}
+    plain = next(r for r in record.sites if r.pattern == "plain_mlp")
+    assert {m.role: m.method for m in plain.matrices} == {"in": "existing", "out": "dense"}
 
 
 def test_clone_before_an_inplace_op_is_kept():
@@ -268,7 +271,8 @@ def test_unknown_option_and_missing_neuron_compiler_are_refused():
 
 
 def test_source_paths_are_cleaned():
-    assert backend.clean_source_path("L['args'][0].model.layers[0].mlp") == "model.layers.0.mlp"
-    assert backend.clean_source_path("L['self'].mlp.up_proj") == "mlp.up_proj"
+    assert clean_module_path("L['args'][0].model.layers[0].mlp") == "model.layers.0.mlp"
+    assert clean_module_path("L['self'].mlp.up_proj") == "mlp.up_proj"
+    assert clean_module_path("model.layers.0.mlp") == "model.layers.0.mlp"
     name = "l_args_0_modules_model_modules_layers_modules_0_modules_mlp_modules_gate_proj_parameters_weight_"
-    assert backend.parameter_path(name) == "model.layers.0.mlp.gate_proj.weight"
+    assert dynamo.parameter_path(name) == "model.layers.0.mlp.gate_proj.weight"

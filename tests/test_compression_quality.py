@@ -4,26 +4,27 @@ import math
 
 import pytest
 import torch
-from conftest import LAYERS, make_low_rank_, model_output, tiny_model, token_ids
+from helpers import LAYERS, make_low_rank_, model_output, tiny_model, token_ids
 from torch import nn
 
 import neuronmm_fx
 from neuronmm_fx import ConfigError
-from neuronmm_fx.calibration import split_tokens
 from neuronmm_fx.checkpoint import CheckpointError, load_compressed, save_compressed
+from neuronmm_fx.compress.calibration import split_tokens
+from neuronmm_fx.compress.factorize import WhitenedSVD, whitening
+from neuronmm_fx.compress.finetune import FinetuneConfig, distillation_loss, finetune
+from neuronmm_fx.compress.ranks import MatrixShape, allocate_global, truncation_loss
 from neuronmm_fx.evaluate import fidelity, perplexity
-from neuronmm_fx.finetune import FinetuneConfig, distillation_loss, finetune
-from neuronmm_fx.passes.compress import MatrixShape, allocate_global, truncation_loss, whitening
 from neuronmm_fx.passes.match import break_even_rank
 
 # --- whitening ------------------------------------------------------------------------------------
 
 
-def _whitened_reconstruction(inputs: torch.Tensor, weight: torch.Tensor, rank: int) -> torch.Tensor:
-    s_t, s_inv_t = whitening(inputs.double().t() @ inputs.double())
-    left, singular, right_t = torch.linalg.svd(s_t @ weight.double(), full_matrices=False)
-    root = singular[:rank].sqrt()
-    u, v = (s_inv_t @ left)[:, :rank] * root, root[:, None] * right_t[:rank]
+def _whitened_reconstruction(inputs: torch.Tensor, weight: torch.Tensor, rank: int):
+    """The factors :class:`WhitenedSVD` gives ``weight`` (in, out) for these calibration inputs."""
+    gram = inputs.double().t() @ inputs.double()
+    factorize = WhitenedSVD({"x": gram}, gram_key=lambda projection: "x")
+    u, v = factorize(None, weight.double(), rank)
     return u, v
 
 

@@ -6,7 +6,7 @@ import sys
 
 import networkx as nx
 import pydot
-from conftest import tiny_model
+from helpers import tiny_model
 
 import neuronmm_fx
 from neuronmm_fx.cli import main
@@ -30,7 +30,7 @@ def test_dump_dir_holds_every_pass_of_every_site(tmp_path):
     assert len(matched) == 3  # c_fc, the activation, c_proj
     fused = (folder / "3_fuse.txt").read_text()
     assert "neuronmm.svd_mlp" in fused and "dense" not in fused
-    assert "installed as module" in (folder / "4_lower.txt").read_text()
+    assert "installed as module" in (folder / "4_install.txt").read_text()
     (dot,) = pydot.graph_from_dot_file(str(folder / "2_match.dot"))
     graph = nx.nx_pydot.from_pydot(dot)
     assert sum(1 for _, data in graph.nodes(data=True) if data.get("fillcolor") == "lightblue") == 3

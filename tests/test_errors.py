@@ -2,12 +2,11 @@
 
 import pytest
 import torch
-from conftest import assert_unchanged, state_snapshot, tiny_model
+from helpers import assert_unchanged, state_snapshot, tiny_model
 from torch import nn
 
 import neuronmm_fx
-from neuronmm_fx import ConfigError, NothingToCompressError, UnsupportedModelError
-from neuronmm_fx.passes import lower
+from neuronmm_fx import ConfigError, NothingToCompressError, UnsupportedModelError, install
 
 
 def _snapshot(model):
@@ -81,7 +80,7 @@ def test_a_model_with_nothing_to_compress_says_why():
 def test_a_failure_while_installing_rolls_everything_back(monkeypatch):
     model = tiny_model("llama")
     state, types = _snapshot(model)
-    real_set = lower._set_submodule
+    real_set = install._set_submodule
     calls = []
 
     def failing_set(root, path, module):
@@ -90,7 +89,7 @@ def test_a_failure_while_installing_rolls_everything_back(monkeypatch):
             raise RuntimeError("simulated failure")
         return real_set(root, path, module)
 
-    monkeypatch.setattr(lower, "_set_submodule", failing_set)
+    monkeypatch.setattr(install, "_set_submodule", failing_set)
     with pytest.raises(RuntimeError, match="simulated failure"):
         neuronmm_fx.optimize(model, ratio=0.2, block=8)
     assert_unchanged(model, state, types)

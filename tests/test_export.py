@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_decoder
+from helpers import tiny_decoder
 
 import neuronmm_fx
 from neuronmm_fx import export as nx

@@ -61,7 +61,7 @@ def test_kernel_registration_is_a_no_op_without_sdk(no_sdk):
 
 
 def test_trace_optimizes_then_calls_torch_neuronx_trace(fake_sdk, monkeypatch):
-    for name in ("nki_xuv", "nki_svd_mlp", "use_nki_kernels"):  # as if the kernels were absent
+    for name in ("use_nki_kernels",):  # as if the kernels were absent
         monkeypatch.delattr(dispatch, name, raising=False)
     x = torch.randn(4, 64)
     result = neuron.trace(
@@ -73,7 +73,7 @@ def test_trace_optimizes_then_calls_torch_neuronx_trace(fake_sdk, monkeypatch):
     assert inputs == (x,) and kwargs == {"compiler_args": ["--auto-cast=none"]}
     registration = neuron.register_neuron_kernels()  # kernels absent: nothing registered, no error
     assert registration.device_type == "xla" and registration.registered == ()
-    assert "nki_xuv" in registration.reason
+    assert "dispatch.xuv with use_nki_kernels" in registration.reason
 
 
 def test_trace_without_ratio_passes_the_model_through(fake_sdk):

@@ -8,20 +8,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import make_low_rank_, model_output, tiny_model, token_ids
+from helpers import make_low_rank_, model_output, tiny_model, token_ids
 from torch import nn
 
 import neuronmm_fx
-from neuronmm_fx import ConfigError, sensitivity
-from neuronmm_fx.calibration import Calibration, calibrate
-from neuronmm_fx.finetune import FinetuneConfig, _held_out_loss, _split, finetune
-from neuronmm_fx.passes.compress import (
-    MatrixShape,
-    allocate_global,
-    svd_by_gram,
-    weighted_truncation_loss,
-    whitening,
-)
+from neuronmm_fx import ConfigError
+from neuronmm_fx.compress import sensitivity
+from neuronmm_fx.compress.calibration import Calibration, calibrate
+from neuronmm_fx.compress.factorize import svd_by_gram, whitening
+from neuronmm_fx.compress.finetune import FinetuneConfig, _held_out_loss, _split, finetune
+from neuronmm_fx.compress.ranks import MatrixShape, allocate_global, weighted_truncation_loss
 from neuronmm_fx.passes.match import break_even_rank
 
 # --- allocation -----------------------------------------------------------------------------------
@@ -117,7 +113,7 @@ def test_sensitivity_ranks_the_matrix_whose_compression_hurts_more_above_the_oth
 
 
 def test_checkpointed_fisher_equals_the_plain_backward_and_leaves_the_blocks_as_they_were():
-    from neuronmm_fx import layerwise
+    from neuronmm_fx.compress import layerwise
 
     model = tiny_model("llama")
     paths = [name for name, module in model.named_modules() if name.endswith("mlp.down_proj")]
@@ -312,3 +308,25 @@ def test_early_stopping_keeps_the_best_held_out_factors():
     assert len(held) == 1 and len(training) == 2  # 1,280 tokens: three steps of 512, the last held out
     assert _held_out_loss(student, teacher, held) == pytest.approx(best, rel=1e-5)
     assert len(result.learning_rates) == result.steps == len(result.losses)
+
+
+def test_fisher_weighted_factors_lose_less_where_the_loss_is_sensitive():
+    from neuronmm_fx.compress.factorize import fisher_weights, split_factors, whitened_svd
+
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(24, 16, generator=generator, dtype=torch.float64)  # (in, out)
+    fisher = torch.ones(16, dtype=torch.float64)
+    fisher[:4] = 50.0  # four output channels the loss is sensitive to
+    identity = torch.eye(24, dtype=torch.float64)
+
+    def weighted_error(weights):
+        u, v = split_factors(*whitened_svd(identity, weight, weights), 6, torch.float64)
+        return float(((u @ v - weight).square().sum(0) * fisher).sum())
+
+    weights = fisher_weights(fisher)
+    torch.testing.assert_close(weights, (fisher / fisher.mean() + 1.0).sqrt())
+    assert weighted_error(weights) < 0.8 * weighted_error(None)
+    # weights undone on the right factor: full rank still reproduces the weight exactly
+    u, v = split_factors(*whitened_svd(identity, weight, weights), 16, torch.float64)
+    torch.testing.assert_close(u @ v, weight)
+    assert fisher_weights(torch.zeros(16)) is None and fisher_weights(None) is None

@@ -3,23 +3,25 @@
 * Kernels (current ``import nki`` dialect, NKI 0.3/0.4 = Neuron SDK 2.29-2.30):
   :func:`xuv_fused` (Y = X.U.V with X.U kept on chip), :func:`svd_mlp_fused` (gated or plain MLP,
   h kept on chip), baselines :func:`matmul_dense` and :func:`xuv_unfused`.
-* Planner: :func:`plan_xuv`, :func:`plan_dense`, :func:`plan_xuv_unfused`, :func:`plan_svd_mlp`.
-* Stand-in: ``nki``/``nl``/``nisa`` (the real ones when ``import nki`` works, else the stand-in),
-  :func:`run_kernel`, :class:`KernelStats`, :class:`NkiRuleError`, :class:`TensorSpec`, and the
-  shape-only helpers :func:`run_shape_only`, :func:`analyse_xuv`, :func:`analyse_svd_mlp`.
+* Planner: :func:`plan_xuv`, :func:`plan_dense`, :func:`plan_xuv_unfused`, :func:`plan_svd_mlp`,
+  over the cost model of :mod:`neuronmm_fx.kernels.costs`.
+* Stand-in: ``nki``/``nl``/``nisa`` (the real ones when ``import nki`` works, else the stand-in
+  package :mod:`neuronmm_fx.kernels.standin`), :func:`run_kernel`, :class:`KernelStats`,
+  :class:`NkiRuleError`, :class:`TensorSpec`, and the shape-only helpers :func:`run_shape_only`,
+  :func:`analyse_xuv`, :func:`analyse_svd_mlp`.
 * Torch launchers and the mode switch live in :mod:`neuronmm_fx.kernels.dispatch` (not imported
-  here, so that this package does not import torch).
+  here).
 
 See ``docs/kernels.md``.
 """
 
 from ._nki import USING_STANDIN, nisa, nki, nki_handles, nl
 from .analysis import Analysis, analyse_svd_mlp, analyse_xuv, compulsory_xuv_bytes, run_shape_only
+from .costs import MlpShape
 from .mlp import ACTIVATIONS, svd_mlp_fused
 from .planner import (
     DensePlan,
     MlpPlan,
-    MlpShape,
     PlanError,
     UnfusedPlan,
     XuvPlan,

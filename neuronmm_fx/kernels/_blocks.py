@@ -1,6 +1,6 @@
 """Building blocks shared by the kernels (traced into each kernel; plain Python loops).
 
-Notation of the project notes: X is M x K (tokens x features), U is K x r, V is r x N.  On chip, a
+Notation (docs/kernels.md): X is M x K (tokens x features), U is K x r, V is r x N.  On chip, a
 "strip" is a transposed activation block with the contraction dimension of the *next* product on
 partitions: ``strip[p, t, m]`` holds row ``t*128 + p`` of ``(X_blk U)^T`` (or of ``X_blk^T`` for a
 dense projection), token ``m`` of the block.  Such a strip is exactly the stationary operand of the
@@ -10,15 +10,21 @@ next matmul, which is why no transpose instruction is ever issued.
 from __future__ import annotations
 
 from ._nki import nisa, nl
+from .targets import MOVING_FMAX as MOV
+from .targets import PARTITIONS as P
+from .targets import cdiv
 
-P = 128
-"""Partitions; also the contraction tile and the stationary free size (<= 128)."""
-MOV = 512
-"""Moving free size of one matmul (<= 512) = one 2 KiB PSUM bank of fp32."""
-
-
-def cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
+__all__ = [
+    "MOV",
+    "P",
+    "accumulate_tiles",
+    "broadcast_bias",
+    "cdiv",
+    "load_x_transposed",
+    "stream_second_factor",
+    "strip_from_xt",
+    "strips_for_block",
+]
 
 
 def load_x_transposed(x, m0, mw, xt):
@@ -64,18 +70,47 @@ def strip_from_xt(xt, mw, u, strip, s0, u_tile, acc):
             nisa.tensor_copy(dst=strip[0:rp, rt, s0 + c * MOV : s0 + c * MOV + cw], src=acc[0:rp, c, 0:cw])
 
 
-def broadcast_row(row_hbm, bias_bc, ones, row, ps):
-    """``bias_bc[p, :] = row_hbm[0, :]`` for all 128 partitions, via rank-1 matmuls (ones^T . row).
+def strips_for_block(x, m0, bm, block_mx, xt, factors, u_tile, acc):
+    """Fill the strips ``(X_blk U)^T`` of ``factors`` (pairs ``(u, strip)``) for the token block
+    ``X[m0 : m0+bm]``, which is loaded (transposed) in sub-blocks of ``block_mx`` tokens into ``xt``;
+    every strip is computed from each loaded sub-block, so the loads of X are shared."""
+    for s0 in range(0, bm, block_mx):
+        sw = min(block_mx, bm - s0)
+        load_x_transposed(x, m0 + s0, sw, xt)
+        for u, strip in factors:
+            strip_from_xt(xt, sw, u, strip, s0, u_tile, acc)
 
-    row_hbm: HBM (1, N); bias_bc: SBUF (128, N); ones: SBUF (1, 128); row: SBUF (1, 512);
-    ps: PSUM (128, 512) scratch bank."""
-    N = row_hbm.shape[1]
+
+def broadcast_bias(bias, dt, ps):
+    """``None`` without a bias; else an SBUF (128, N) tile holding the (1, N) HBM row ``bias`` on
+    every partition, made by rank-1 matmuls (``ones^T . row``) through the PSUM bank ``ps``
+    ((128, 512) scratch).  SBUF: s*(128 + 512 + N) per partition."""
+    if bias is None:
+        return None
+    N = bias.shape[1]
+    ones = nl.ndarray((1, P), dtype=dt, buffer=nl.sbuf)
+    row = nl.ndarray((1, MOV), dtype=dt, buffer=nl.sbuf)
+    bias_bc = nl.ndarray((P, N), dtype=dt, buffer=nl.sbuf)
     nisa.memset(ones[0:1, 0:P], 1.0)
     for j0 in range(0, N, MOV):
         jw = min(MOV, N - j0)
-        nisa.dma_copy(dst=row[0:1, 0:jw], src=row_hbm[0:1, j0 : j0 + jw])
+        nisa.dma_copy(dst=row[0:1, 0:jw], src=bias[0:1, j0 : j0 + jw])
         nisa.nc_matmul(ps[0:P, 0:jw], stationary=ones[0:1, 0:P], moving=row[0:1, 0:jw], accumulate=False)
         nisa.tensor_copy(dst=bias_bc[0:P, j0 : j0 + jw], src=ps[0:P, 0:jw])
+    return bias_bc
+
+
+def accumulate_tiles(ps, stationary, s0, sw, moving, m0, mw, depth):
+    """``ps = sum_t stationary[:, t, s0:s0+sw]^T . moving[:, t, m0:m0+mw]`` over the partition tiles
+    ``t`` of a ``depth``-long contraction, accumulated in the PSUM tile ``ps``."""
+    for t in range(cdiv(depth, P)):
+        tp = min(P, depth - t * P)
+        nisa.nc_matmul(
+            ps,
+            stationary=stationary[0:tp, t, s0 : s0 + sw],
+            moving=moving[0:tp, t, m0 : m0 + mw],
+            accumulate=t > 0,
+        )
 
 
 def stream_second_factor(y, m0, mw, strip, R, w, w_blk, out_ps, out_sb, bias_bc, block_n):

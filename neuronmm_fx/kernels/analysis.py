@@ -11,16 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .costs import MlpShape, dtype_name_size, mlp_macs
 from .mlp import svd_mlp_fused
-from .planner import (
-    MlpShape,
-    dtype_name_size,
-    mlp_macs,
-    plan_dense,
-    plan_svd_mlp,
-    plan_xuv,
-    plan_xuv_unfused,
-)
+from .planner import plan_dense, plan_svd_mlp, plan_xuv, plan_xuv_unfused
 from .standin import KernelStats, TensorSpec, run_kernel
 from .targets import Target, get_target
 from .xuv import matmul_dense, xuv_fused, xuv_unfused
@@ -137,7 +130,7 @@ def analyse_svd_mlp(
     weights = sum(
         a.size + (0 if b is None else b.size) for a, b in ((au, av), (uu, uv), (du, dv)) if a is not None
     )
-    biases = sh.I * (int(sh.act_bias) + int(sh.gated and sh.up_bias)) + (sh.H if sh.down_bias else 0)
+    biases = sh.I * sh.bias_columns + (sh.H if sh.down_bias else 0)
     compulsory = s * (M * sh.K + M * sh.H + weights + biases)
     stats.useful_flops = flops
     return Analysis("fused-mlp", plan, stats, compulsory, flops)

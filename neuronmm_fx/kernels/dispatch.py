@@ -126,30 +126,38 @@ def _from_numpy(a, dtype, device):
     return out.to(device)
 
 
-def _launch(kernel, plan, *args, **const):
-    """Run one kernel in the active mode; returns a numpy array."""
-    from ._nki import USING_STANDIN, nki
-
-    mode = active_mode()
-    if mode == "nki":  # pragma: no cover - needs a Neuron device
-        raise RuntimeError("launch NKI kernels on device tensors through _launch_device")
-    if USING_STANDIN:
-        from .standin import run_kernel
-
-        res = run_kernel(kernel, *args, target=standin_target(), **plan.kernel_kwargs(), **const)
-        _LAST_STATS.set(res.stats)
-        return res.outputs
-    return nki.simulate(kernel)(*args, **plan.kernel_kwargs(), **const)  # pragma: no cover
-
-
-def _launch_device(kernel, plan, *args, **const):  # pragma: no cover - needs a Neuron device
-    return kernel(*args, **plan.kernel_kwargs(), **const)
-
-
-def _run(kernel, plan, device_args, np_args, **const):
+def _run(kernel, plan, x, args, **const):
+    """Run ``kernel`` on ``args`` (x's flattened rows first, then weights already in x's dtype) in the
+    active mode; returns a torch tensor in x's dtype and device, shaped (*x.shape[:-1], out)."""
     if active_mode() == "nki":  # pragma: no cover - needs a Neuron device
-        return _launch_device(kernel, plan, *device_args, **const), True
-    return _launch(kernel, plan, *np_args, **const), False
+        out = kernel(*args, **plan.kernel_kwargs(), **const)
+    else:
+        from ._nki import USING_STANDIN, nki
+
+        arrays = [None if a is None else _to_numpy(a, x.dtype) for a in args]
+        if USING_STANDIN:
+            from .standin import run_kernel
+
+            res = run_kernel(kernel, *arrays, target=standin_target(), **plan.kernel_kwargs(), **const)
+            _LAST_STATS.set(res.stats)
+            y = res.outputs
+        else:  # pragma: no cover - the SDK's own simulator, where the real nki imports
+            y = nki.simulate(kernel)(*arrays, **plan.kernel_kwargs(), **const)
+        out = _from_numpy(y, x.dtype, x.device)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _check_bias(what: str, bias, n: int) -> None:
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"{what} must have shape ({n},), got {tuple(bias.shape)}")
+
+
+def _cast(t, dtype, shape=None):
+    """``t`` in ``dtype`` (reshaped to ``shape`` if given); None stays None."""
+    if t is None:
+        return None
+    t = t.to(dtype)
+    return t if shape is None else t.reshape(shape)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,7 +172,7 @@ def xuv(x, u, v, bias=None):
     (while evacuating PSUM), not on the host.  If the fused kernel cannot be blocked for the
     target's SBUF (:class:`~neuronmm_fx.kernels.planner.PlanError`), the unfused two-kernel chain
     is used instead."""
-    from .planner import PlanError, plan_xuv, plan_xuv_unfused
+    from . import planner
     from .xuv import xuv_fused, xuv_unfused
 
     dname = _check_dtype(x)
@@ -174,26 +182,20 @@ def xuv(x, u, v, bias=None):
             f"xuv: shapes x {tuple(x.shape)}, u {tuple(u.shape)}, v {tuple(v.shape)} do not chain"
         )
     r, N = v.shape
-    if bias is not None and tuple(bias.shape) != (N,):
-        raise ValueError(f"xuv: bias must have shape ({N},), got {tuple(bias.shape)}")
-    lead = x.shape[:-1]
+    _check_bias("xuv: bias", bias, N)
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
-    dt = x.dtype
     if M == 0:
-        return x.new_zeros(*lead, N)
+        return x.new_zeros(*x.shape[:-1], N)
     tgt = standin_target()
-    dev_args = (x2, u.to(dt), v.to(dt), None if bias is None else bias.to(dt).reshape(1, N))
-    np_args = [None if a is None else _to_numpy(a, dt) for a in dev_args] if active_mode() != "nki" else []
     try:
-        plan = plan_xuv(M, K, r, N, dname, tgt, bias=bias is not None)
+        plan = planner.plan_xuv(M, K, r, N, dname, tgt, bias=bias is not None)
         kernel = xuv_fused
-    except PlanError:
-        plan = plan_xuv_unfused(M, K, r, N, dname, tgt, bias=bias is not None)
+    except planner.PlanError:
+        plan = planner.plan_xuv_unfused(M, K, r, N, dname, tgt, bias=bias is not None)
         kernel = xuv_unfused
-    out, on_device = _run(kernel, plan, dev_args, np_args)
-    y = out if on_device else _from_numpy(out, dt, x.device)
-    return y.reshape(*lead, N)
+    dt = x.dtype
+    return _run(kernel, plan, x, (x2, u.to(dt), v.to(dt), _cast(bias, dt, (1, N))))
 
 
 def dense(x, w, bias=None):
@@ -206,20 +208,13 @@ def dense(x, w, bias=None):
     if w.dim() != 2 or w.shape[0] != K:
         raise ValueError(f"dense: shapes x {tuple(x.shape)} and w {tuple(w.shape)} do not chain")
     N = w.shape[1]
-    if bias is not None and tuple(bias.shape) != (N,):
-        raise ValueError(f"dense: bias must have shape ({N},), got {tuple(bias.shape)}")
-    lead = x.shape[:-1]
+    _check_bias("dense: bias", bias, N)
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
-    dt = x.dtype
     if M == 0:
-        return x.new_zeros(*lead, N)
+        return x.new_zeros(*x.shape[:-1], N)
     plan = plan_dense(M, K, N, dname, standin_target(), bias=bias is not None)
-    dev_args = (x2, w.to(dt), None if bias is None else bias.to(dt).reshape(1, N))
-    np_args = [None if a is None else _to_numpy(a, dt) for a in dev_args] if active_mode() != "nki" else []
-    out, on_device = _run(matmul_dense, plan, dev_args, np_args)
-    y = out if on_device else _from_numpy(out, dt, x.device)
-    return y.reshape(*lead, N)
+    return _run(matmul_dense, plan, x, (x2, w.to(x.dtype), _cast(bias, x.dtype, (1, N))))
 
 
 def svd_mlp(x, act_u, act_v, act_bias, up_u, up_v, up_bias, down_u, down_v, down_bias, activation):
@@ -228,17 +223,18 @@ def svd_mlp(x, act_u, act_v, act_bias, up_u, up_v, up_bias, down_u, down_v, down
     ``h = act(x.act_u.act_v + act_bias)``; if ``up_u`` is given, ``h = h * (x.up_u.up_v +
     up_bias)``; ``y = h.down_u.down_v + down_bias``.  Any ``*_v`` may be None: that projection is
     dense and its ``*_u`` is the full (K_in, K_out) matrix (``y = x @ u``).  Biases may be None.
-    ``activation`` is one of ``"silu"``, ``"gelu"`` (exact erf), ``"gelu_tanh"``, ``"relu"``.
-    Returns (..., H) in x's dtype; all biases are applied in the kernel.  If the fused kernel
-    cannot be blocked for the target, each projection runs as its own X.U.V / X.W kernel and the
-    activation and product are applied on the host between them (h then goes through memory)."""
-    from .mlp import ACTIVATIONS, svd_mlp_fused
-    from .planner import MlpShape, PlanError, plan_svd_mlp
+    ``activation`` is a name of :mod:`neuronmm_fx.activations` (``"silu"``, ``"gelu"`` (exact
+    erf), ``"gelu_tanh"``, ``"relu"``).  Returns (..., H) in x's dtype; all biases are applied in
+    the kernel.  If the fused kernel cannot be blocked for the target, each projection runs as its
+    own X.U.V / X.W kernel and the activation and product are applied on the host between them
+    (h then goes through memory)."""
+    from ..activations import check_activation
+    from . import planner
+    from .costs import MlpShape
+    from .mlp import svd_mlp_fused
 
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; allowed: {', '.join(ACTIVATIONS)}")
+    check_activation(activation)
     dname = _check_dtype(x)
-    dt = x.dtype
     K = x.shape[-1]
     gated = up_u is not None
     if not gated and (up_v is not None or up_bias is not None):
@@ -255,7 +251,7 @@ def svd_mlp(x, act_u, act_v, act_bias, up_u, up_v, up_bias, down_u, down_v, down
             )
         return v.shape[1], u.shape[1]
 
-    I, r_act = out_dim("act", act_u, act_v, K)  # noqa: E741 - the notes' intermediate size
+    I, r_act = out_dim("act", act_u, act_v, K)  # noqa: E741 - the intermediate size (docs/kernels.md)
     r_up = None
     if gated:
         I_up, r_up = out_dim("up", up_u, up_v, K)
@@ -263,71 +259,35 @@ def svd_mlp(x, act_u, act_v, act_bias, up_u, up_v, up_bias, down_u, down_v, down
             raise ValueError(f"svd_mlp: gate produces {I} features but up produces {I_up}")
     H, r_down = out_dim("down", down_u, down_v, I)
     for name, b, n in (("act", act_bias, I), ("up", up_bias, I), ("down", down_bias, H)):
-        if b is not None and tuple(b.shape) != (n,):
-            raise ValueError(f"svd_mlp: {name}_bias must have shape ({n},), got {tuple(b.shape)}")
+        _check_bias(f"svd_mlp: {name}_bias", b, n)
 
-    lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
     if M == 0:
-        return x.new_zeros(*lead, H)
-    shape = MlpShape(
-        K=K,
-        I=I,
-        H=H,
-        r_act=r_act,
-        r_up=r_up,
-        r_down=r_down,
-        gated=gated,
-        act_bias=act_bias is not None,
-        up_bias=gated and up_bias is not None,
-        down_bias=down_bias is not None,
-    )
+        return x.new_zeros(*x.shape[:-1], H)
+    has_bias = (act_bias is not None, gated and up_bias is not None, down_bias is not None)
+    shape = MlpShape(K, I, H, r_act, r_up, r_down, gated, *has_bias)
     try:
-        plan = plan_svd_mlp(M, shape, dname, standin_target())
-    except PlanError:
+        plan = planner.plan_svd_mlp(M, shape, dname, standin_target())
+    except planner.PlanError:
         return _svd_mlp_split(
             x, act_u, act_v, act_bias, up_u, up_v, up_bias, down_u, down_v, down_bias, activation
         )
-
-    def c(t, shape_=None):
-        if t is None:
-            return None
-        t = t.to(dt)
-        return t if shape_ is None else t.reshape(shape_)
-
-    dev_args = (
-        x2,
-        c(act_u),
-        c(act_v),
-        c(act_bias, (I, 1)),
-        c(up_u),
-        c(up_v),
-        c(up_bias, (I, 1)),
-        c(down_u),
-        c(down_v),
-        c(down_bias, (1, H)),
-    )
-    np_args = [None if a is None else _to_numpy(a, dt) for a in dev_args] if active_mode() != "nki" else []
-    out, on_device = _run(svd_mlp_fused, plan, dev_args, np_args, activation=activation)
-    y = out if on_device else _from_numpy(out, dt, x.device)
-    return y.reshape(*lead, H)
+    dt = x.dtype
+    args = (x2, _cast(act_u, dt), _cast(act_v, dt), _cast(act_bias, dt, (I, 1)))
+    args += (_cast(up_u, dt), _cast(up_v, dt), _cast(up_bias, dt, (I, 1)))
+    args += (_cast(down_u, dt), _cast(down_v, dt), _cast(down_bias, dt, (1, H)))
+    return _run(svd_mlp_fused, plan, x, args, activation=activation)
 
 
 def _svd_mlp_split(x, act_u, act_v, act_bias, up_u, up_v, up_bias, down_u, down_v, down_bias, activation):
     """Fallback: three projection kernels, activation and product on the host in between."""
-    import torch.nn.functional as F
+    from ..activations import apply_activation
 
     def proj(z, u, v, b):
         return xuv(z, u, v, b) if v is not None else dense(z, u, b)
 
-    acts = {
-        "silu": F.silu,
-        "gelu": F.gelu,
-        "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
-        "relu": F.relu,
-    }
-    h = acts[activation](proj(x, act_u, act_v, act_bias))
+    h = apply_activation(activation, proj(x, act_u, act_v, act_bias))
     if up_u is not None:
         h = h * proj(x, up_u, up_v, up_bias)
     return proj(h, down_u, down_v, down_bias)

@@ -6,22 +6,33 @@ Current NKI dialect (``import nki``; NKI 0.3/0.4, Neuron SDK 2.29-2.30), destina
 
 from __future__ import annotations
 
-from ._blocks import MOV, P, broadcast_row, cdiv, load_x_transposed, stream_second_factor, strip_from_xt
+from ..activations import ACTIVATION_NAMES, check_activation
+from ._blocks import (
+    MOV,
+    P,
+    accumulate_tiles,
+    broadcast_bias,
+    cdiv,
+    stream_second_factor,
+    strips_for_block,
+)
 from ._nki import nisa, nki, nl
 
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
-"""Activation names accepted by :func:`svd_mlp` (gelu = exact erf GELU, gelu_tanh = tanh approximation)."""
+ACTIVATIONS = ACTIVATION_NAMES
+"""Activation names accepted by :func:`svd_mlp_fused`: those of :mod:`neuronmm_fx.activations`."""
+
+_NL_NAME = {"gelu_tanh": "gelu_apprx_tanh"}
+"""Where NKI spells an activation differently from :mod:`neuronmm_fx.activations`."""
 
 
 def activation_op(name: str):
-    """The ``nl`` activation function for one of :data:`ACTIVATIONS`."""
-    table = {"silu": nl.silu, "gelu": nl.gelu, "gelu_tanh": nl.gelu_apprx_tanh, "relu": nl.relu}
-    if name not in table:
-        raise ValueError(f"unknown activation {name!r}; allowed: {', '.join(ACTIVATIONS)}")
-    return table[name]
+    """The ``nl`` activation function for one of :data:`ACTIVATIONS` (``ValueError`` otherwise)."""
+    name = check_activation(name)
+    return getattr(nl, _NL_NAME.get(name, name))
 
 
-def _svd_mlp(
+@nki.jit
+def svd_mlp_fused(
     x,
     act_u,
     act_v,
@@ -114,10 +125,13 @@ def _svd_mlp(
 
     xt = nl.ndarray((P, nk, block_mx), dtype=dt, buffer=nl.sbuf)
     strips = []  # (strip, contraction size R, second factor (R, I))
+    lowrank_factors = []  # (first factor, its strip) of the low-rank projections, filled in step A
     for (pu, pv), low in zip(ins, lowrank_in, strict=True):
         if low:
             r = pu.shape[1]
-            strips.append((nl.ndarray((P, cdiv(r, P), block_m), dtype=dt, buffer=nl.sbuf), r, pv))
+            strip = nl.ndarray((P, cdiv(r, P), block_m), dtype=dt, buffer=nl.sbuf)
+            strips.append((strip, r, pv))
+            lowrank_factors.append((pu, strip))
         else:
             strips.append((xt, K, pu))
     u_tile = nl.ndarray((P, 2, P), dtype=dt, buffer=nl.sbuf) if any(lowrank_in) else None
@@ -151,22 +165,12 @@ def _svd_mlp(
     gu_ps = nl.ndarray((P, 2, MOV), dtype=nl.float32, buffer=nl.psum)
     out_ps = nl.ndarray((P, 2, MOV), dtype=nl.float32, buffer=nl.psum)
 
-    bias_bc = None
-    if down_bias is not None:
-        ones = nl.ndarray((1, P), dtype=dt, buffer=nl.sbuf)
-        row = nl.ndarray((1, MOV), dtype=dt, buffer=nl.sbuf)
-        bias_bc = nl.ndarray((P, H), dtype=dt, buffer=nl.sbuf)
-        broadcast_row(down_bias, bias_bc, ones, row, out_ps[0:P, 0, 0:MOV])
+    bias_bc = broadcast_bias(down_bias, dt, out_ps[0:P, 0, 0:MOV])
 
     for m0 in range(0, M, block_m):
         bm = min(block_m, M - m0)
         # A. gate/up strips, sharing each loaded X sub-block
-        for s0 in range(0, bm, block_mx):
-            sw = min(block_mx, bm - s0)
-            load_x_transposed(x, m0 + s0, sw, xt)
-            for (pu, _), low, (strip, _, _) in zip(ins, lowrank_in, strips, strict=True):
-                if low:
-                    strip_from_xt(xt, sw, pu, strip, s0, u_tile, acc)
+        strips_for_block(x, m0, bm, block_mx, xt, lowrank_factors, u_tile, acc)
 
         for i0 in range(0, I, block_i):
             bi = min(block_i, I - i0)
@@ -183,15 +187,7 @@ def _svd_mlp(
                     pre = []
                     for j, ((strip, R, _), blk) in enumerate(zip(strips, sec, strict=True)):
                         ps = gu_ps[0:ip, j, 0:cw]
-                        nr = cdiv(R, P)
-                        for rt in range(nr):
-                            rp = min(P, R - rt * P)
-                            nisa.nc_matmul(
-                                ps,
-                                stationary=blk[0:rp, rt, il * P : il * P + ip],
-                                moving=strip[0:rp, rt, c0 : c0 + cw],
-                                accumulate=rt > 0,
-                            )
+                        accumulate_tiles(ps, blk, il * P, ip, strip, c0, cw, R)
                         pre.append(ps)
                     hb = h[0:ip, il, c0 : c0 + cw]
                     ab = None if bias_cols[0] is None else bias_cols[0][0:ip, ig : ig + 1]
@@ -224,14 +220,7 @@ def _svd_mlp(
                     for c0 in range(0, bm, MOV):
                         cw = min(MOV, bm - c0)
                         ps = acc[0:dp, 0, 0:cw]
-                        for il in range(nil):
-                            ip = min(P, bi - il * P)
-                            nisa.nc_matmul(
-                                ps,
-                                stationary=ud_blk[0:ip, il, dtile * P : dtile * P + dp],
-                                moving=h[0:ip, il, c0 : c0 + cw],
-                                accumulate=il > 0,
-                            )
+                        accumulate_tiles(ps, ud_blk, dtile * P, dp, h, c0, cw, bi)
                         dst = sd_acc[0:dp, dtile, c0 : c0 + cw]
                         if i0 == 0:
                             nisa.tensor_copy(dst=dst, src=ps)
@@ -246,6 +235,3 @@ def _svd_mlp(
         else:
             stream_second_factor(y, m0, bm, h, I, down_u, d_blk, out_ps, out_sb, bias_bc, block_n)
     return y
-
-
-svd_mlp_fused = nki.jit(_svd_mlp)

@@ -1,8 +1,9 @@
-"""NeuronCore targets: the on-chip capacities and the rates the cost model uses.
+"""NeuronCore targets and the tile limits of one instruction: the single source of both.
 
-The figures are those of the project notes (``NEURONMM_NOTES.md`` section 5).  HBM bandwidth per
-core is an estimate (a chip's bandwidth divided by its cores), so every time derived from it is a
-model, not a measurement.
+The kernels, the planner and the CPU stand-in all take the partition count and the matmul free
+sizes from here.  The per-target figures are listed, with where they come from, in
+``docs/kernels.md`` ("Targets").  HBM bandwidth per core is an estimate (a chip's bandwidth divided
+by its cores), so every time derived from it is a model, not a measurement.
 """
 
 from __future__ import annotations
@@ -10,7 +11,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 PARTITIONS = 128
-"""SBUF/PSUM partitions; also the TensorE systolic array's side."""
+"""SBUF/PSUM partitions; also the TensorE systolic array's side and the contraction tile."""
+STATIONARY_FMAX = 128
+"""Largest free size of a matmul's stationary operand."""
+MOVING_FMAX = 512
+"""Largest free size of a matmul's moving operand: one 2 KiB PSUM bank of fp32 per partition."""
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for positive integers."""
+    return (a + b - 1) // b
 
 
 @dataclass(frozen=True)
@@ -20,10 +30,10 @@ class Target:
     name: str
     core: str
     sbuf_partition_bytes: int
-    psum_banks: int
-    psum_bank_bytes: int
     clock_hz: float
     hbm_bytes_per_s: float
+    psum_banks: int = 8
+    psum_bank_bytes: int = 2048
 
     @property
     def sbuf_bytes(self) -> int:
@@ -35,27 +45,10 @@ class Target:
         return 2.0 * PARTITIONS * PARTITIONS * self.clock_hz
 
 
-TRN1 = Target(
-    name="trn1",
-    core="NeuronCore-v2",
-    sbuf_partition_bytes=192 * 1024,
-    psum_banks=8,
-    psum_bank_bytes=2048,
-    clock_hz=2.8e9,
-    hbm_bytes_per_s=410e9,
-)
+TRN1 = Target("trn1", "NeuronCore-v2", sbuf_partition_bytes=192 * 1024, clock_hz=2.8e9, hbm_bytes_per_s=410e9)
+TRN2 = Target("trn2", "NeuronCore-v3", sbuf_partition_bytes=224 * 1024, clock_hz=2.4e9, hbm_bytes_per_s=360e9)
 
-TRN2 = Target(
-    name="trn2",
-    core="NeuronCore-v3",
-    sbuf_partition_bytes=224 * 1024,
-    psum_banks=8,
-    psum_bank_bytes=2048,
-    clock_hz=2.4e9,
-    hbm_bytes_per_s=360e9,
-)
-
-TARGETS: dict[str, Target] = {"trn1": TRN1, "trn2": TRN2}
+TARGETS: dict[str, Target] = {t.name: t for t in (TRN1, TRN2)}
 
 
 def get_target(target: str | Target) -> Target:

@@ -12,15 +12,8 @@ one PSUM bank (128 x 512 fp32) per result tile.
 
 from __future__ import annotations
 
-from ._blocks import MOV, P, broadcast_row, cdiv, load_x_transposed, stream_second_factor, strip_from_xt
+from ._blocks import MOV, P, broadcast_bias, cdiv, load_x_transposed, stream_second_factor, strips_for_block
 from ._nki import nki, nl
-
-
-def _bias_buffers(bias, N, dt):
-    ones = nl.ndarray((1, P), dtype=dt, buffer=nl.sbuf)  # s*128
-    row = nl.ndarray((1, MOV), dtype=dt, buffer=nl.sbuf)  # s*512
-    bias_bc = nl.ndarray((P, N), dtype=dt, buffer=nl.sbuf)  # s*N
-    return ones, row, bias_bc
 
 
 @nki.jit
@@ -48,7 +41,7 @@ def xuv_fused(x, u, v, bias=None, block_m=512, block_mx=512, block_n=512):
         out (128, 2, 512)    s*1024
         bias (only with bias): s*(128 + 512 + N)
     PSUM: ceil(BMX/512) banks for step 1 + 2 banks for step 2 (<= 8 in total, so BMX <= 3072).
-    HBM traffic: X and Y once, U ceil-per-sub-block, V once per token block, bias once.
+    HBM traffic: X and Y once, U once per X sub-block, V once per token block, bias once.
     """
     M, K = x.shape
     R = u.shape[1]
@@ -65,19 +58,12 @@ def xuv_fused(x, u, v, bias=None, block_m=512, block_mx=512, block_n=512):
     out_sb = nl.ndarray((P, 2, MOV), dtype=dt, buffer=nl.sbuf)
     acc = nl.ndarray((P, cdiv(block_mx, MOV), MOV), dtype=nl.float32, buffer=nl.psum)
     out_ps = nl.ndarray((P, 2, MOV), dtype=nl.float32, buffer=nl.psum)
-
-    bias_bc = None
-    if bias is not None:
-        ones, row, bias_bc = _bias_buffers(bias, N, dt)
-        broadcast_row(bias, bias_bc, ones, row, out_ps[0:P, 0, 0:MOV])
+    bias_bc = broadcast_bias(bias, dt, out_ps[0:P, 0, 0:MOV])
 
     for m0 in range(0, M, block_m):
         bm = min(block_m, M - m0)
         # step 1: the (X_blk U)^T strip, X_blk loaded in sub-blocks of block_mx tokens
-        for s0 in range(0, bm, block_mx):
-            sw = min(block_mx, bm - s0)
-            load_x_transposed(x, m0 + s0, sw, xt)
-            strip_from_xt(xt, sw, u, strip, s0, u_tile, acc)
+        strips_for_block(x, m0, bm, block_mx, xt, [(u, strip)], u_tile, acc)
         # step 2: Y_blk = strip^T . V, V streamed
         stream_second_factor(y, m0, bm, strip, R, v, v_blk, out_ps, out_sb, bias_bc, block_n)
     return y
@@ -105,10 +91,7 @@ def _matmul_dense(x, w, bias=None, block_m=512, block_n=512):
     w_blk = nl.ndarray((P, nk, block_n), dtype=dt, buffer=nl.sbuf)
     out_sb = nl.ndarray((P, 2, MOV), dtype=dt, buffer=nl.sbuf)
     out_ps = nl.ndarray((P, 2, MOV), dtype=nl.float32, buffer=nl.psum)
-    bias_bc = None
-    if bias is not None:
-        ones, row, bias_bc = _bias_buffers(bias, N, dt)
-        broadcast_row(bias, bias_bc, ones, row, out_ps[0:P, 0, 0:MOV])
+    bias_bc = broadcast_bias(bias, dt, out_ps[0:P, 0, 0:MOV])
     for m0 in range(0, M, block_m):
         bm = min(block_m, M - m0)
         load_x_transposed(x, m0, bm, xt)

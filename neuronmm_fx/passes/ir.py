@@ -14,6 +14,7 @@ into two executable canonical functions, so that one matcher serves every route:
 from __future__ import annotations
 
 import operator
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -73,6 +74,13 @@ class DenseInfo:
         return w.t() if self.layout == "out_in" else w
 
 
+def argument(node: fx.Node, index: int, name: str, default: object = None) -> object:
+    """A call's argument, given positionally (``index``) or by keyword (``name``)."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
 def is_call(node: object, *targets: object) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
 
@@ -106,15 +114,17 @@ def module_path(node: fx.Node) -> str:
     if not stack:
         return ""
     path = list(stack.values())[-1][0]
-    return _clean_module_path(path)
+    return clean_module_path(path)
 
 
-def _clean_module_path(path: str) -> str:
-    # Dynamo spells paths as "L['self'].model.layers[0].mlp"; export as "model.layers.0.mlp".
-    for prefix in ("L['self'].", "L['self']"):
-        if path.startswith(prefix):
-            path = path[len(prefix) :]
-    return path.replace("[", ".").replace("]", "").replace("'", "")
+_SOURCE_PREFIX = re.compile(r"^[LG]\['[^']*'\](\[\d+\])*\.?")
+
+
+def clean_module_path(path: str) -> str:
+    """A module path as ``named_modules`` spells it, from any capture's spelling: Dynamo's
+    ``L['self'].model.layers[0].mlp`` or ``L['args'][0].mlp``, export's ``model.layers.0.mlp``."""
+    path = _SOURCE_PREFIX.sub("", path)
+    return path.replace("[", ".").replace("]", "").replace("'", "").strip(".")
 
 
 def module_paths(node: fx.Node) -> list[str]:
@@ -122,4 +132,4 @@ def module_paths(node: fx.Node) -> list[str]:
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return [module_path(node)] if MODULE_PATH in node.meta else []
-    return [_clean_module_path(entry[0]) for entry in stack.values()]
+    return [clean_module_path(entry[0]) for entry in stack.values()]

@@ -1,5 +1,8 @@
 """Match: find compressible MLPs and existing low-rank chains in a canonical graph.
 
+The patterns themselves are declared in :mod:`neuronmm_fx.patterns`; this module holds the shared
+vocabulary (projections, sites, low-rank chains) and the pass that runs every declaration.
+
 Patterns (``P(x)`` is a *projection*: a canonical ``dense`` node, or a low-rank chain below):
 
 * ``lowrank``   ``dense_v(dense_u(x))`` where ``dense_u`` has no bias, its output feeds nothing else,
@@ -19,14 +22,15 @@ Guarantees: the graph is not modified; each returned :class:`Site` owns its node
 from __future__ import annotations
 
 import operator
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 import torch.fx as fx
-from torch.fx.passes.infra.pass_base import PassBase
 
-from neuronmm_fx.passes.ir import DENSE, DenseInfo, is_activation, is_dense, is_tensor_mul, module_path
+from neuronmm_fx.passes import CheckedPass, PassCheckError
+from neuronmm_fx.passes.ir import DENSE, DenseInfo, is_dense, module_path
 
 aten = torch.ops.aten
 
@@ -144,24 +148,44 @@ def common_module_path(paths) -> str:
 
 
 class MatchResult(NamedTuple):
-    """Same fields as ``torch.fx``'s ``PassResult`` (the graph is unchanged), plus the sites found."""
+    """Same fields as ``torch.fx``'s ``PassResult`` (the graph is unchanged), plus the sites found
+    and how many of each pattern."""
 
     graph_module: fx.GraphModule
     modified: bool
     sites: list[Site]
+    counts: Counter
 
 
-class Match(PassBase):
-    """Find every ``lowrank``, ``gated_mlp`` and ``plain_mlp`` site of a canonical graph."""
+class Match(CheckedPass):
+    """Find every site of a canonical graph, for each declared pattern (:mod:`neuronmm_fx.patterns`)."""
+
+    def __init__(self, patterns=None) -> None:
+        self.patterns = patterns
 
     def call(self, graph_module: fx.GraphModule) -> MatchResult:
-        return MatchResult(graph_module, False, find_sites(graph_module.graph))
+        sites = find_sites(graph_module.graph, self.patterns)
+        return MatchResult(graph_module, False, sites, Counter(site.pattern for site in sites))
+
+    def check(self, graph_module: fx.GraphModule) -> None:
+        """Every site owns its nodes exclusively, and each intermediate feeds only the site."""
+        sites = find_sites(graph_module.graph, self.patterns)
+        owner: dict[fx.Node, Site] = {}
+        for site in sites:
+            for node in site.nodes:
+                if node in owner:
+                    raise PassCheckError(f"{node.name} is in two sites ({site.pattern})")
+                owner[node] = site
+            members = set(site.nodes)
+            for node in site.nodes:
+                if node is not site.output and not set(node.users) <= members:
+                    raise PassCheckError(f"{site.pattern} at {site.path}: {node.name} is read outside it")
 
 
 # --- helpers ---------------------------------------------------------------------------------------
 
 
-def _only_user(node: fx.Node) -> fx.Node | None:
+def only_user(node: fx.Node) -> fx.Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
 
 
@@ -169,7 +193,7 @@ def _dense_projection(node: fx.Node, role: str = "") -> Projection:
     return Projection(role, node, node.args[0], [node], dense=node.meta[DENSE])
 
 
-def _lowrank_projections(graph: fx.Graph) -> dict[fx.Node, Projection]:
+def lowrank_chains(graph: fx.Graph) -> dict[fx.Node, Projection]:
     """Every ``dense_v(dense_u(x))`` chain, keyed by its output node."""
     chains: dict[fx.Node, Projection] = {}
     for node in graph.nodes:
@@ -177,7 +201,7 @@ def _lowrank_projections(graph: fx.Graph) -> dict[fx.Node, Projection]:
             continue
         first_node = node.args[0]
         first, second = first_node.meta[DENSE], node.meta[DENSE]
-        if first.bias is not None or _only_user(first_node) is not node:
+        if first.bias is not None or only_user(first_node) is not node:
             continue
         rank = first.out_features
         if rank >= break_even_rank(first.in_features, second.out_features):
@@ -188,7 +212,7 @@ def _lowrank_projections(graph: fx.Graph) -> dict[fx.Node, Projection]:
     return chains
 
 
-def _projection(node: object, chains: dict[fx.Node, Projection], role: str) -> Projection | None:
+def projection_at(node: object, chains: dict[fx.Node, Projection], role: str) -> Projection | None:
     if not isinstance(node, fx.Node):
         return None
     if node in chains:
@@ -201,15 +225,15 @@ def _projection(node: object, chains: dict[fx.Node, Projection], role: str) -> P
     return None
 
 
-def _consumer(node: fx.Node, chains: dict[fx.Node, Projection], role: str) -> Projection | None:
+def consumer(node: fx.Node, chains: dict[fx.Node, Projection], role: str) -> Projection | None:
     """The projection that is the only consumer of ``node`` (a chain is entered at its first node)."""
-    user = _only_user(node)
+    user = only_user(node)
     if user is None:
         return None
     for chain in chains.values():
         if chain.nodes[0] is user:
-            return _projection(chain.output, chains, role)
-    return _projection(user, chains, role)
+            return projection_at(chain.output, chains, role)
+    return projection_at(user, chains, role)
 
 
 def _chunk_half(node: fx.Node) -> tuple[fx.Node, int] | None:
@@ -248,7 +272,7 @@ def _chunk_half(node: fx.Node) -> tuple[fx.Node, int] | None:
     return source, index
 
 
-def _half_projection(node: fx.Node, role: str) -> Projection | None:
+def half_projection(node: fx.Node, role: str) -> Projection | None:
     half = _chunk_half(node)
     if half is None:
         return None
@@ -261,74 +285,29 @@ def _half_projection(node: fx.Node, role: str) -> Projection | None:
     return projection
 
 
-# --- the matcher -----------------------------------------------------------------------------------
+# --- the matcher ---------------------------------------------------------------------------------
 
 
-def _match_gated(mul: fx.Node, chains: dict[fx.Node, Projection]) -> Site | None:
-    down = _consumer(mul, chains, "down")
-    if down is None or down.input is not mul:
-        return None
-    for act_node, up_node in (mul.args, reversed(mul.args)):
-        if not is_activation(act_node) or _only_user(act_node) is not mul or _only_user(up_node) is not mul:
-            continue
-        gate_node = act_node.args[0]
-        if not isinstance(gate_node, fx.Node) or _only_user(gate_node) is not act_node:
-            continue
-        gate = _projection(gate_node, chains, "gate")
-        up = _projection(up_node, chains, "up")
-        if gate is None or up is None:  # Phi-3: gate and up are the two halves of one projection
-            gate, up = _half_projection(gate_node, "gate"), _half_projection(up_node, "up")
-            if gate is None or up is None or gate.nodes[0] is not up.nodes[0] or gate.out_slice[0] != 0:
-                continue
-            up.nodes = [up_node]  # the shared dense and chunk nodes are listed once, under gate
-        if gate.input is not up.input:
-            continue
-        nodes = [*gate.nodes, *up.nodes, act_node, mul, *down.nodes]
-        projections = {"gate": gate, "up": up, "down": down}
-        return Site(GATED, gate.input, down.output, projections, act_node.args[1], nodes)
-    return None
+def find_sites(graph: fx.Graph, patterns=None) -> list[Site]:
+    """All sites of a canonical graph, in graph order.
 
-
-def _match_plain(act_node: fx.Node, chains: dict[fx.Node, Projection]) -> Site | None:
-    first_node = act_node.args[0]
-    if not isinstance(first_node, fx.Node) or _only_user(first_node) is not act_node:
-        return None
-    first = _projection(first_node, chains, "in")
-    out = _consumer(act_node, chains, "out")
-    if first is None or out is None or out.input is not act_node:
-        return None
-    nodes = [*first.nodes, act_node, *out.nodes]
-    return Site(PLAIN, first.input, out.output, {"in": first, "out": out}, act_node.args[1], nodes)
-
-
-def find_sites(graph: fx.Graph) -> list[Site]:
-    """All sites of a canonical graph, MLPs first, then the low-rank chains no MLP claimed."""
-    chains = _lowrank_projections(graph)
+    Each pattern of ``patterns`` (default :data:`neuronmm_fx.patterns.PATTERNS`, in priority order)
+    is tried at every node its anchor accepts; a site whose nodes another already claimed is dropped,
+    so MLPs take their low-rank chains before the chains are matched alone.
+    """
+    if patterns is None:
+        from neuronmm_fx.patterns import PATTERNS as patterns  # the declarations import this module
+    chains = lowrank_chains(graph)
     sites: list[Site] = []
     claimed: set[fx.Node] = set()
-
-    def claim(site: Site | None) -> None:
-        if site is not None and not claimed.intersection(site.nodes):
-            claimed.update(site.nodes)
-            sites.append(site)
-
-    for node in graph.nodes:
-        if is_tensor_mul(node):
-            claim(_match_gated(node, chains))
-    for node in graph.nodes:
-        if is_activation(node) and node not in claimed:
-            claim(_match_plain(node, chains))
-    for output, chain in chains.items():
-        claim(
-            Site(
-                LOWRANK,
-                chain.input,
-                output,
-                {"lowrank": _projection(output, chains, "lowrank")},
-                None,
-                list(chain.nodes),
-            )
-        )
+    for pattern in patterns:
+        for node in list(graph.nodes):
+            if node in claimed or not pattern.anchor(node, chains):
+                continue
+            site = pattern.match(node, chains)
+            if site is not None and not claimed.intersection(site.nodes):
+                claimed.update(site.nodes)
+                sites.append(site)
     order = {n: i for i, n in enumerate(graph.nodes)}
     sites.sort(key=lambda s: order[s.output])
     return sites

@@ -243,6 +243,18 @@ def test_svd_mlp_bfloat16(activation, M):
     _check(y, _mlp_reference(a, activation, "bfloat16"), "bfloat16")
 
 
+def test_mlp_kernel_takes_every_activation_of_the_project():
+    from neuronmm_fx.activations import ACTIVATION_NAMES
+    from neuronmm_fx.kernels import nl
+    from neuronmm_fx.kernels.mlp import activation_op
+
+    ops = {name: activation_op(name) for name in ACTIVATION_NAMES}
+    assert ops["gelu_tanh"] is nl.gelu_apprx_tanh and ops["silu"] is nl.silu
+    assert len(set(map(id, ops.values()))) == len(ACTIVATION_NAMES)
+    with pytest.raises(ValueError, match="unknown activation 'swish'"):
+        activation_op("swish")
+
+
 def test_xuv_and_mlp_shape_only_runs_count_without_values():
     from neuronmm_fx.kernels import TensorSpec
 

@@ -234,6 +234,27 @@ def test_elementwise_layout_mismatch_is_rejected():
     _raises("elementwise-shape", kernel, np.ones((2, 2), np.float32))
 
 
+def test_operators_are_checked_for_their_instruction():
+    def activation_as_alu(x):
+        a = nl.ndarray((4, 8), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.memset(a, 1.0)
+        nisa.tensor_tensor(dst=a, data1=a, data2=a, op=nl.silu)
+        return x
+
+    def alu_as_activation(x):
+        a = nl.ndarray((4, 8), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.memset(a, 1.0)
+        nisa.activation(dst=a, op=nl.add, data=a)
+        return x
+
+    assert "unsupported operator nl.silu" in str(
+        _raises("elementwise-shape", activation_as_alu, np.zeros((2, 2), np.float32))
+    )
+    assert "unsupported activation nl.add" in str(
+        _raises("elementwise-shape", alu_as_activation, np.zeros((2, 2), np.float32))
+    )
+
+
 def test_nki_calls_outside_a_kernel_are_rejected():
     with pytest.raises(NkiRuleError) as exc:
         nl.ndarray((4, 4), dtype=nl.float32)

@@ -101,7 +101,7 @@ def distillation_loss(student: nn.Module, teacher: nn.Module, batch: torch.Tenso
 
 def _split(batches: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Training and held-out step batches of at most ``BATCH_TOKENS`` tokens each."""
-    from neuronmm_fx.layerwise import micro_batches
+    from neuronmm_fx.compress.layerwise import micro_batches
 
     steps = micro_batches(batches, BATCH_TOKENS, sum(b.numel() for b in batches))
     if len(steps) < 2:

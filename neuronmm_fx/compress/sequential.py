@@ -1,7 +1,7 @@
 """Error-compensating compression: factor each block's matrices on the inputs it will really see.
 
 Independent whitening measures every Gram on the dense model, but a compressed model feeds each
-layer the outputs of the *compressed* layers before it.  This walk (see :mod:`neuronmm_fx.layerwise`)
+layer the outputs of the *compressed* layers before it.  This walk (see :mod:`neuronmm_fx.compress.layerwise`)
 compresses block by block on cached calibration hidden states, so that
 
 1. the first projections of an MLP (gate and up, or a plain MLP's ``in``) are whitened by the Gram
@@ -36,8 +36,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from neuronmm_fx import layerwise
-from neuronmm_fx.passes.compress import split_factors, whitened_svd, whitening
+from neuronmm_fx.compress import layerwise
+from neuronmm_fx.compress.factorize import fisher_weights, split_factors, whitened_svd, whitening
 from neuronmm_fx.passes.match import Projection
 
 HOLDOUT_SHARE = 8  # one calibration batch in this many is held out to judge the least-squares refit
@@ -55,6 +55,7 @@ class Job:
     first_stage: bool  # reads the MLP's input (gate, up, in) rather than its intermediate
     gram_key: Hashable  # jobs that read the same tensor share one Gram
     rank: int | None = None  # None: only observed (sensitivity), not compressed
+    output_fisher: torch.Tensor | None = None  # Fisher information per output channel, if measured
 
 
 def install_weight(block: nn.Module, job: Job, weight_in_out: torch.Tensor) -> None:
@@ -157,7 +158,9 @@ def _compress_block(work, jobs: list[Job], inputs, holdout: set[int], factors: d
             whitened[job.gram_key] = whitening(grams.grams[job.gram_key])
         s_t, s_inv_t = whitened[job.gram_key]
         weight = job.projection.weight_in_out()
-        left, singular, right_t = whitened_svd(s_inv_t, s_t @ weight.double())
+        left, singular, right_t = whitened_svd(
+            s_inv_t, s_t @ weight.double(), fisher_weights(job.output_fisher)
+        )
         u, v = split_factors(left, singular, right_t, job.rank, weight.dtype)
         factors[id(job.projection)] = (u, v)
         notes[id(job.projection)] = "whitened by the inputs the compressed blocks before it produce"
@@ -189,10 +192,11 @@ def _compress_block(work, jobs: list[Job], inputs, holdout: set[int], factors: d
     for job in second:
         weight = job.projection.weight_in_out()
         s_t, s_inv_t = whitening(compressed_grams.grams[id(job)])
-        plain = split_factors(*whitened_svd(s_inv_t, s_t @ weight.double()), job.rank, weight.dtype)
+        weights = fisher_weights(job.output_fisher)
+        plain = split_factors(*whitened_svd(s_inv_t, s_t @ weight.double(), weights), job.rank, weight.dtype)
         # S⁻¹·C·W: the whitened least-squares target (S⁻¹ = (S⁻ᵀ)ᵀ; ``cross`` already holds C·W)
         refit_target = s_inv_t.t() @ cross[id(job)]
-        refit = split_factors(*whitened_svd(s_inv_t, refit_target), job.rank, weight.dtype)
+        refit = split_factors(*whitened_svd(s_inv_t, refit_target, weights), job.rank, weight.dtype)
         if held_in[id(job)]:
             plain_error = _output_error(held_in[id(job)], held_target[id(job)], *plain)
             refit_error = _output_error(held_in[id(job)], held_target[id(job)], *refit)

@@ -4,10 +4,12 @@ Graphs are first turned into ``networkx`` digraphs (:func:`snapshot`), which kee
 structure and labels: the big exported graph can be snapshotted before ``canonicalize`` rewrites it
 and sliced later to the region of each site.  DOT files are written through ``pydot``.
 
-Layout: ``<dump_dir>/discovery.txt`` (every site found and what became of it), then one folder per
-site, ``<dump_dir>/<NN>_<module path>/``, with ``0_capture``, ``1_canonicalize``, ``2_match``
-(site nodes highlighted), ``3_fuse`` (the replacement's own traced graph) as ``.txt`` and ``.dot``, and
-``4_lower.txt`` (what was installed where).
+Both routes write here.  ``optimize()``: ``<dump_dir>/discovery.txt`` (every site found and what
+became of it), then one folder per site, ``<dump_dir>/<NN>_<module path>/``, with ``0_capture``,
+``1_canonicalize``, ``2_match`` (site nodes highlighted), ``3_fuse`` (the site's region after the fuse
+pass, op node highlighted) as ``.txt`` and ``.dot``, and ``4_install.txt`` (what was installed where).
+The compile backend: ``<dump_dir>/graph_<NNN>/`` with ``0_dynamo`` and ``1_neuronmm`` per graph and
+one line per graph in ``<dump_dir>/summary.txt``.
 """
 
 from __future__ import annotations
@@ -98,3 +100,48 @@ def write(
 def site_folder(dump_dir: Path, index: int, path: str) -> Path:
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", path) or "root"
     return dump_dir / f"{index:02d}_{safe}"
+
+
+def write_optimize(
+    dump_dir: Path, raw, canonical, fused_graph: fx.GraphModule, installations, report
+) -> None:
+    """The dumps of one ``optimize()`` call: snapshots before canonicalize (``raw``) and before fuse
+    (``canonical``), the fused graph itself, and what was installed where."""
+    dump_dir.mkdir(parents=True, exist_ok=True)
+    (dump_dir / "discovery.txt").write_text(str(report) + "\n")
+    fused = snapshot(fused_graph.graph)
+    op_nodes = {n.name for n in fused_graph.graph.nodes if getattr(n.target, "namespace", None) == "neuronmm"}
+    for index, installation in enumerate(installations):
+        site = installation.fused.site
+        folder = site_folder(dump_dir, index, site.path)
+        title = f"{site.pattern} at {site.path or '<root>'}"
+        names = {n.name for n in site.nodes}
+        write(folder, "0_capture", region(raw, site.path), f"{title}: captured by torch.export")
+        write(folder, "1_canonicalize", region(canonical, site.path), f"{title}: after canonicalize")
+        write(folder, "2_match", region(canonical, site.path), f"{title}: matched nodes", names)
+        write(folder, "3_fuse", region(fused, site.path), f"{title}: after fuse", op_nodes)
+        plan = "\n".join(
+            f"{path or '<root>'} := {type(module).__name__}"
+            for path, module in installation.replacements().items()
+        )
+        (folder / "4_install.txt").write_text(
+            f"# {title}: installed as {installation.kind}\n{installation.note}\n{plan}\n"
+        )
+
+
+def write_compiled(dump_dir: Path, record, before, graph_module: fx.GraphModule) -> None:
+    """The dumps of one graph the compile backend rewrote, and its line in ``summary.txt``."""
+    folder = dump_dir / f"graph_{record.index:03d}"
+    heading = f"graph {record.index:03d} [{record.compile_id}]"
+    write(folder, "0_dynamo", before, f"{heading}: from Dynamo")
+    highlight = {site.replaced[0] for site in record.sites if site.replaced}
+    write(
+        folder,
+        "1_neuronmm",
+        snapshot(graph_module.graph),
+        f"{heading}: handed to {record.compiler}",
+        highlight,
+    )
+    (folder / "summary.txt").write_text(record.summary() + "\n")
+    with (dump_dir / "summary.txt").open("a") as handle:
+        handle.write(record.summary() + "\n")

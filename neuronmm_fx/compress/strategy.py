@@ -1,13 +1,13 @@
 """Strategy: for every dense matrix of the chosen sites, how it is factored and at what rank.
 
 1. Calibration.  ``"svd"`` needs none.  ``"whiten"`` (and ``"auto"`` when calibration data is given
-   or the model can write its own) takes calibration tokens (:mod:`neuronmm_fx.calibration`).
+   or the model can write its own) takes calibration tokens (:mod:`neuronmm_fx.compress.calibration`).
 2. Rank.  ``"uniform"`` applies the paper's per-matrix rule; ``"global"`` measures each matrix's
-   loss curve (:mod:`neuronmm_fx.sensitivity`: Fisher-weighted whitened truncation error; without
+   loss curve (:mod:`neuronmm_fx.compress.sensitivity`: Fisher-weighted whitened truncation error; without
    calibration, the share of spectral energy dropped) and lets
-   :func:`~neuronmm_fx.passes.compress.allocate_global` spend the parameter budget where it hurts least.
+   :func:`~neuronmm_fx.compress.factorize.allocate_global` spend the parameter budget where it hurts least.
 3. Factors.  With calibration, block by block on the compressed model's own activations
-   (:mod:`neuronmm_fx.sequential`) when the model is a stack of blocks; otherwise whitened by Grams
+   (:mod:`neuronmm_fx.compress.sequential`) when the model is a stack of blocks; otherwise whitened by Grams
    of the dense model collected in one pass.  A projection whose input no module hook can observe
    (a bare ``F.linear`` in a module's own code) falls back to plain SVD.  The report says which, and
    why, matrix by matrix.
@@ -21,25 +21,21 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 from torch import nn
 
-from neuronmm_fx import calibration as calib
-from neuronmm_fx import layerwise, sensitivity
-from neuronmm_fx.config import CALIBRATION_DTYPES, OptimizeConfig
-from neuronmm_fx.errors import ConfigError
-from neuronmm_fx.passes.canonicalize import is_linear_module
-from neuronmm_fx.passes.compress import (
-    Factorizer,
+from neuronmm_fx.compress import calibration as calib
+from neuronmm_fx.compress import layerwise, sensitivity
+from neuronmm_fx.compress.factorize import Factorizer, Precomputed, TruncatedSVD, WhitenedSVD, whitening
+from neuronmm_fx.compress.ranks import (
     MatrixShape,
-    Precomputed,
     RankDecision,
-    TruncatedSVD,
-    WhitenedSVD,
     allocate_global,
     truncation_loss,
     uniform_rank,
-    whitening,
 )
+from neuronmm_fx.compress.sequential import Job, compress_layerwise
+from neuronmm_fx.config import CALIBRATION_DTYPES, OptimizeConfig
+from neuronmm_fx.errors import ConfigError
+from neuronmm_fx.passes.canonicalize_linears import is_linear_module
 from neuronmm_fx.passes.match import Projection, Site
-from neuronmm_fx.sequential import Job, compress_layerwise
 
 
 @dataclass
@@ -105,8 +101,19 @@ def _curves_one_pass(model, jobs: list[Job], data, fisher, progress) -> dict[int
     }
 
 
-def _measure_curves(model, stack, jobs, data, config: OptimizeConfig) -> tuple[dict[int, object], str]:
-    """Loss curve of every job (cached on the Calibration for the next call) and how it was measured."""
+@dataclass
+class Measured:
+    """What the sensitivity pass measured for one matrix: its loss curve and its outputs' Fisher
+    information (which the sequential factorization then weights its output channels by)."""
+
+    curve: object  # rank -> estimated loss
+    fisher: object  # torch.Tensor (out,) or None
+    note: str
+
+
+def _measure_curves(model, stack, jobs, data, config: OptimizeConfig) -> tuple[dict[int, Measured], str]:
+    """What sensitivity measures for every job (cached on the Calibration for the next call), and
+    how it was measured."""
     settings = (config.sensitivity_tokens, config.calibration_dtype, stack is not None)
     cache = data.curves.setdefault(settings, {})
     missing = [job for job in jobs if job.projection.name not in cache]
@@ -131,9 +138,11 @@ def _measure_curves(model, stack, jobs, data, config: OptimizeConfig) -> tuple[d
         else:
             curves = _curves_one_pass(model, missing, calib.Calibration(subset, ""), fisher, config.progress)
         for job in missing:
-            cache[job.projection.name] = (curves[id(job.projection)], note)
-    note = cache[jobs[0].projection.name][1] if jobs else note
-    return {id(job.projection): cache[job.projection.name][0] for job in jobs}, note
+            cache[job.projection.name] = Measured(
+                curves[id(job.projection)], sensitivity.fisher_of(job, fisher), note
+            )
+    note = cache[jobs[0].projection.name].note if jobs else note
+    return {id(job.projection): cache[job.projection.name] for job in jobs}, note
 
 
 def plan(
@@ -186,21 +195,26 @@ def plan(
 
     # rank decisions
     started = time.perf_counter()
+    measured: dict[int, Measured] = {}
     if config.allocation == "uniform":
         for i, role, p in dense:
             plans[i].decisions[role] = uniform_rank(p.in_features, p.out_features, config.ratio, config.block)
     else:
-        curves, curve_note = {}, "share of spectral energy dropped (no calibration data)"
+        curve_note = "share of spectral energy dropped (no calibration data)"
         if jobs:
-            curves, curve_note = _measure_curves(model, stack, list(jobs.values()), data, config)
+            measured, curve_note = _measure_curves(model, stack, list(jobs.values()), data, config)
         shapes = []
         plain = TruncatedSVD()
         for i, role, p in dense:
-            if curves and id(p) not in curves:
+            if measured and id(p) not in measured:
                 reason = "its input is not observable through a module hook, so its sensitivity is unknown"
                 plans[i].decisions[role] = RankDecision(None, reason)
                 continue
-            loss = curves.get(id(p)) or truncation_loss(plain.spectrum(p, p.weight_in_out()))
+            loss = (
+                measured[id(p)].curve
+                if id(p) in measured
+                else truncation_loss(plain.spectrum(p, p.weight_in_out()))
+            )
             shapes.append(MatrixShape((i, role), p.in_features, p.out_features, loss))
         for (i, role), decision in allocate_global(shapes, config.ratio, config.block).items():
             plans[i].decisions[role] = decision
@@ -215,6 +229,8 @@ def plan(
     for i, role, projection in dense:
         if id(projection) in jobs:
             jobs[id(projection)].rank = plans[i].decisions[role].rank
+            if id(projection) in measured:
+                jobs[id(projection)].output_fisher = measured[id(projection)].fisher
     ranked = [job for job in jobs.values() if job.rank is not None]
     if ranked and stack is not None and config.sequential:
         factors, notes = compress_layerwise(

@@ -13,7 +13,7 @@ whitened spectrum's energy) ranked matrices badly enough that a free allocation 
 the uniform rule; the Fisher weighting is what lets the allocator leave some matrices dense and cut
 others deeply.
 
-The Grams come from a layer-wise walk over the dense model (:mod:`neuronmm_fx.layerwise`), one block
+The Grams come from a layer-wise walk over the dense model (:mod:`neuronmm_fx.compress.layerwise`), one block
 at a time, so memory grows with one layer; only the curves (a few numbers per matrix) are kept.
 """
 
@@ -26,10 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neuronmm_fx import layerwise
-from neuronmm_fx.calibration import forward_precision
-from neuronmm_fx.passes.compress import svd_by_gram, weighted_truncation_loss, whitening
-from neuronmm_fx.sequential import GramAccumulator, Job
+from neuronmm_fx.compress import layerwise
+from neuronmm_fx.compress.calibration import forward_precision
+from neuronmm_fx.compress.factorize import svd_by_gram, whitening
+from neuronmm_fx.compress.ranks import weighted_truncation_loss
+from neuronmm_fx.compress.sequential import GramAccumulator, Job
 
 FISHER_MICROBATCH_TOKENS = 512  # tokens per backward pass (longer rows are cut to this): bounds the
 #   activations kept for autograd.  On SmolLM2, 512-token pieces cost 0.9 GiB more peak memory than
@@ -169,7 +170,13 @@ def loss_curve(
     s_t: torch.Tensor, weight_in_out: torch.Tensor, fisher: torch.Tensor | None
 ) -> Callable[[int], float]:
     """``loss(r)`` of truncating the weight whitened by ``Sᵀ`` (of the per-token Gram) to rank ``r``,
-    Fisher-weighted where ``fisher`` is given."""
+    Fisher-weighted where ``fisher`` is given: ``Σ_{i≥r} σᵢ²·Σⱼ fⱼ·pᵢⱼ²``.
+
+    The estimate is of the plain whitened truncation, although the sequential factorization then
+    weights its output channels by the Fisher information too: estimating the weighted truncation
+    instead allocated worse on SmolLM2 at ratio 0.2 (2.02× against 1.87× dense perplexity on the
+    Python text, 1.80× against 1.79× on WikiText-2).
+    """
     # float32 is ample for a loss estimate, and three times faster than float64 here
     _, singular, right_t = svd_by_gram((s_t @ weight_in_out.double()).float())
     if fisher is None:

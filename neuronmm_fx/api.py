@@ -1,45 +1,47 @@
 """``optimize()``: the eager route through the pass pipeline.
 
-capture (torch.export) → canonicalize → match → compress → fuse → lower (install, proven on a real
-run) → dump.  Nothing in the user's model changes until every site has been compressed, fused and
-checked; the install itself is transactional.
+capture (:mod:`~neuronmm_fx.frontends.export`) → canonicalize → match → plan and compress
+(:mod:`~neuronmm_fx.compress`) → fuse → install (:mod:`~neuronmm_fx.install`: module swap, proven on
+a real run) → dump.  The compile backend runs the same passes from canonicalize to fuse; only the
+capture and the installation differ.  Nothing in the user's model changes until every site has been
+compressed, fused and checked; the install itself is transactional.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fnmatch
 import logging
 import time
-from pathlib import Path
 
-import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from neuronmm_fx.calibration import can_generate
-from neuronmm_fx.calibration import prepare as prepare_calibration
-from neuronmm_fx.capture import capture, default_example_inputs, linear_modules
+from neuronmm_fx.compress.calibration import can_generate
+from neuronmm_fx.compress.calibration import prepare as prepare_calibration
+from neuronmm_fx.compress.factorize import compress_site
+from neuronmm_fx.compress.finetune import FinetuneConfig
+from neuronmm_fx.compress.finetune import finetune as run_finetune
+from neuronmm_fx.compress.strategy import plan
 from neuronmm_fx.config import OptimizeConfig
+from neuronmm_fx.debug import dump
 from neuronmm_fx.errors import ConfigError, NothingToCompressError, UnsupportedModelError
-from neuronmm_fx.finetune import FinetuneConfig
-from neuronmm_fx.finetune import finetune as run_finetune
-from neuronmm_fx.ops import SUPPORTED_DTYPES
-from neuronmm_fx.passes import dump
-from neuronmm_fx.passes.canonicalize import Canonicalize
-from neuronmm_fx.passes.compress import compress_site
-from neuronmm_fx.passes.fuse import FusedSite, fuse_site
-from neuronmm_fx.passes.lower import (
+from neuronmm_fx.frontends.export import capture, default_example_inputs, linear_modules
+from neuronmm_fx.install import (
     PER_MATRIX,
+    FusedSite,
     Installation,
     attributed_nodes,
     commit,
     plan_installation,
     verify,
 )
+from neuronmm_fx.ops import SUPPORTED_DTYPES
+from neuronmm_fx.passes.canonicalize import Canonicalize
+from neuronmm_fx.passes.fuse import Fuse
 from neuronmm_fx.passes.match import Match, Site
 from neuronmm_fx.report import MatrixReport, OptimizeReport, SiteReport, SkippedSite
-from neuronmm_fx.strategy import plan
 
 log = logging.getLogger("neuronmm_fx")
 
@@ -124,55 +126,35 @@ def _site_report(installation: Installation, method_reasons: dict[str, str]) -> 
     )
 
 
-_DEFAULTS = OptimizeConfig()
+_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(OptimizeConfig))
 
 
 def optimize(
     model: nn.Module,
-    ratio: float = _DEFAULTS.ratio,
+    ratio: float | OptimizeConfig | None = None,
     *,
-    block: int = _DEFAULTS.block,
-    include: tuple[str, ...] | str = (),
-    exclude: tuple[str, ...] | str = (),
-    method: str = _DEFAULTS.method,
-    allocation: str = _DEFAULTS.allocation,
     calibration=None,
     tokenizer=None,
-    calibration_tokens: int = _DEFAULTS.calibration_tokens,
-    calibration_seq_len: int = _DEFAULTS.calibration_seq_len,
-    sequential: bool = _DEFAULTS.sequential,
-    sensitivity_tokens: int = _DEFAULTS.sensitivity_tokens,
-    calibration_dtype: str = _DEFAULTS.calibration_dtype,
-    dump_dir: str | Path | None = None,
     example_inputs: tuple | None = None,
     example_kwargs: dict | None = None,
-    verify_sites: bool = True,
-    progress: bool = False,
     finetune: FinetuneConfig | None = None,
+    **options,
 ) -> nn.Module:
     """Compress and fuse every MLP and low-rank chain of ``model``; return the model to keep using.
+
+    ``ratio`` is the share of the MLP parameters removed (default 0.2), or a whole
+    :class:`~neuronmm_fx.config.OptimizeConfig`; keyword ``options`` are its fields (``block``,
+    ``method``, ``allocation``, ``dump_dir``, ...) and override it: ``optimize(model, 0.2)``,
+    ``optimize(model, ratio=0.1, block=64)`` and ``optimize(model, config, progress=True)`` all work.
+    ``calibration`` takes token tensors, a DataLoader, texts (with ``tokenizer``) or a
+    :class:`~neuronmm_fx.compress.calibration.Calibration`; left out, a causal LM writes its own.
 
     The model is changed in place (and returned); its class, ``forward`` and ``generate`` stay.  If
     the whole model is one site (a bare MLP module), the fused module itself is returned instead.
     The report is attached as ``model.neuronmm_report`` (see :func:`report_of`).  On any error the
-    model is left exactly as it was.  See :class:`~neuronmm_fx.config.OptimizeConfig` for options.
+    model is left exactly as it was.
     """
-    config = OptimizeConfig(
-        ratio=ratio,
-        block=block,
-        include=include,
-        exclude=exclude,
-        method=method,
-        allocation=allocation,
-        calibration_tokens=calibration_tokens,
-        calibration_seq_len=calibration_seq_len,
-        sequential=sequential,
-        sensitivity_tokens=sensitivity_tokens,
-        calibration_dtype=calibration_dtype,
-        dump_dir=dump_dir,
-        verify=verify_sites,
-        progress=progress,
-    )
+    config = _config(ratio, options)
     check_model(model)
     if finetune is not None and not can_generate(model):
         raise ConfigError(
@@ -194,6 +176,8 @@ def optimize(
     installations = _plan_installations(
         model, graph_module, fused_sites, config, example_args, example_kwargs, report
     )
+    canonical = dump.snapshot(graph_module.graph) if config.dump_dir else None
+    Fuse([(inst.fused.site, inst.fused.compressed) for inst in installations])(graph_module)
 
     teacher, tuning_data = None, None
     if finetune is not None:  # everything fine-tuning needs is ready before the model changes
@@ -222,9 +206,23 @@ def optimize(
     report.sites = [_site_report(inst, method_reasons[id(inst.fused.site)]) for inst in installations]
     report.model_params_after = count_parameters(result)
     if config.dump_dir:
-        _write_dumps(config.dump_dir, raw, graph_module, installations, report)
+        dump.write_optimize(config.dump_dir, raw, canonical, graph_module, installations, report)
     setattr(result, REPORT_ATTRIBUTE, report)
     return result
+
+
+def _config(ratio, options: dict) -> OptimizeConfig:
+    """The call's config: ``ratio`` (a number or a whole config) with ``options`` applied over it."""
+    unknown = sorted(set(options) - set(_CONFIG_FIELDS))
+    if unknown:
+        raise ConfigError(
+            f"unknown option(s) {', '.join(unknown)} for optimize(); it takes {', '.join(_CONFIG_FIELDS)}"
+        )
+    if isinstance(ratio, OptimizeConfig):
+        return dataclasses.replace(ratio, **options)
+    if ratio is not None:
+        options["ratio"] = ratio
+    return OptimizeConfig(**options)
 
 
 def _example_inputs(model: nn.Module, example_inputs, example_kwargs) -> tuple[tuple, dict]:
@@ -281,14 +279,15 @@ def _compress_and_fuse(model, sites, config, calibration, tokenizer, report):
             )
             continue
         method_reasons[id(site)] = site_plan.method_reasons
-        fused_sites.append(fuse_site(site, compressed))
+        fused_sites.append(FusedSite.build(site, compressed))
     report.timings.update(strategy.timings)
     report.timings["factorization_s"] += time.perf_counter() - started
     return strategy, fused_sites, method_reasons
 
 
 def _plan_installations(model, graph_module, fused_sites, config, example_args, example_kwargs, report):
-    """lower's plan for every fused site, proven on a real run; refuse a model with nothing left."""
+    """Where each fused site goes (read from the captured graph, which the fuse pass then rewrites),
+    proven on a real run; refuse a model with nothing left."""
     attributed = attributed_nodes(graph_module.graph)
     installations = [plan_installation(fused, model, attributed) for fused in fused_sites]
     if config.verify:
@@ -325,28 +324,3 @@ def report_of(model: nn.Module) -> OptimizeReport:
     if report is None:
         raise ValueError("this model was not produced by neuronmm_fx.optimize()")
     return report
-
-
-def _write_dumps(dump_dir: Path, raw, graph_module: torch.fx.GraphModule, installations, report) -> None:
-    dump_dir.mkdir(parents=True, exist_ok=True)
-    (dump_dir / "discovery.txt").write_text(str(report) + "\n")
-    canonical = dump.snapshot(graph_module.graph)
-    for index, installation in enumerate(installations):
-        fused = installation.fused
-        site = fused.site
-        folder = dump.site_folder(dump_dir, index, site.path)
-        title = f"{site.pattern} at {site.path or '<root>'}"
-        names = {n.name for n in site.nodes}
-        dump.write(folder, "0_capture", dump.region(raw, site.path), f"{title}: captured by torch.export")
-        dump.write(
-            folder, "1_canonicalize", dump.region(canonical, site.path), f"{title}: after canonicalize"
-        )
-        dump.write(folder, "2_match", dump.region(canonical, site.path), f"{title}: matched nodes", names)
-        dump.write(folder, "3_fuse", dump.snapshot(fused.graph().graph), f"{title}: fused replacement")
-        plan = "\n".join(
-            f"{path or '<root>'} := {type(module).__name__}"
-            for path, module in installation.replacements().items()
-        )
-        (folder / "4_lower.txt").write_text(
-            f"# {title}: installed as {installation.kind}\n{installation.note}\n{plan}\n"
-        )

@@ -1,4 +1,4 @@
-"""Lower: install fused sites into the live module tree, after proving each one on real inputs.
+"""Install: put fused sites into the live module tree, after proving each one on real inputs.
 
 A site was found in the exported graph; its nodes ran inside modules of the user's model.  Three ways
 to install it, tried in this order:
@@ -30,13 +30,31 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from neuronmm_fx.compress.factorize import CompressedProjection
 from neuronmm_fx.modules import LowRankLinear
-from neuronmm_fx.passes.canonicalize import is_linear_module
-from neuronmm_fx.passes.fuse import FusedSite
+from neuronmm_fx.passes.canonicalize_linears import is_linear_module
 from neuronmm_fx.passes.ir import module_paths
-from neuronmm_fx.passes.match import GATED, Site
+from neuronmm_fx.passes.match import Site
+from neuronmm_fx.patterns import pattern_of
 
 MODULE, CHAIN, PER_MATRIX = "module", "chain", "per_matrix"
+
+
+@dataclass
+class FusedSite:
+    """A compressed site with the module that computes it and its uncompressed twin (the same
+    module fed with the original weights, which must reproduce the site exactly)."""
+
+    site: Site
+    compressed: dict[str, CompressedProjection]
+    module: nn.Module
+    twin: nn.Module
+
+    @classmethod
+    def build(cls, site: Site, compressed: dict[str, CompressedProjection]) -> FusedSite:
+        pattern = pattern_of(site.pattern)
+        module = pattern.build(site.activation, {role: c.factors for role, c in compressed.items()})
+        return cls(site, compressed, module, pattern.uncompressed(site))
 
 
 @dataclass
@@ -73,7 +91,7 @@ def attributed_nodes(graph: fx.Graph) -> dict[str, set[fx.Node]]:
 
 def _chain_units(site: Site, attributed: dict[str, set[fx.Node]]) -> list[str] | None:
     """The modules that each run one step of a sequential site, in order, or None."""
-    if site.pattern == GATED:
+    if not pattern_of(site.pattern).sequential:
         return None
     order = {n: i for i, n in enumerate(site.output.graph.nodes)}
     units: list[str] = []

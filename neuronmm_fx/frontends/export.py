@@ -7,7 +7,7 @@ the decoder layer's own code; BERT's MLP is split across two sibling modules).  
 the **whole model** with ``torch.export.export(..., strict=False)`` on example inputs: the result is
 an ATen graph in which every parameter is a named placeholder and every node carries the
 ``nn_module_stack`` it ran in.  Matching on that graph finds every pattern with the module paths of
-its parts; the rewrite is then *installed on the live module tree* (:mod:`neuronmm_fx.passes.lower`),
+its parts; the rewrite is then *installed on the live module tree* (:mod:`neuronmm_fx.install`),
 so the user's model keeps its class, its ``generate`` and its ``state_dict`` layout for everything
 that was not rewritten.  The exported graph itself is only an analysis artefact.
 """
@@ -22,7 +22,7 @@ import torch.fx as fx
 from torch import nn
 
 from neuronmm_fx.errors import CaptureError
-from neuronmm_fx.passes.canonicalize import is_linear_module
+from neuronmm_fx.passes.canonicalize_linears import is_linear_module
 from neuronmm_fx.passes.ir import ParamRef
 
 DEFAULT_TOKENS = 8  # length of the default example sequence: long enough for every code path of a decoder

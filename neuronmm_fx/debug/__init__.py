@@ -1,0 +1,1 @@
+"""Debugging aids: readable dumps of every graph a pass produced (:mod:`.dump`)."""
