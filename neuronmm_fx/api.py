@@ -15,10 +15,11 @@ import fnmatch
 import logging
 import time
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from neuronmm_fx.compress.calibration import can_generate
+from neuronmm_fx.compress.calibration import can_generate, vocabulary_size
 from neuronmm_fx.compress.calibration import prepare as prepare_calibration
 from neuronmm_fx.compress.factorize import compress_site
 from neuronmm_fx.compress.finetune import FinetuneConfig
@@ -62,7 +63,20 @@ def check_model(model: nn.Module) -> None:
         raise UnsupportedModelError(
             f"{type(model).__name__} has no nn.Linear or Conv1D layers: there is nothing to compress"
         )
+    places: dict[int, list[str]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        places.setdefault(id(module), []).append(path)
+    for module in model.modules():
+        if len(places[id(module)]) > 1 and linear_modules(module):
+            raise UnsupportedModelError(
+                f"{' and '.join(places[id(module)])} are one module (shared): compressing it for one place "
+                "would change the others; untie the copies (copy.deepcopy) to compress them"
+            )
     for path, module in linears:
+        if module.weight.is_meta:
+            raise UnsupportedModelError(
+                f"{path}.weight is on the meta device and has no values to compress; load the weights first"
+            )
         dtype = module.weight.dtype
         if not dtype.is_floating_point:
             raise UnsupportedModelError(
@@ -73,6 +87,8 @@ def check_model(model: nn.Module) -> None:
             raise UnsupportedModelError(
                 f"{path}.weight has unsupported dtype {dtype}: use float32, bfloat16 or float16"
             )
+        if not bool(torch.isfinite(module.weight).all()):
+            raise UnsupportedModelError(f"{path}.weight holds NaN or infinite values: no SVD of it exists")
 
 
 def _selected(path: str, config: OptimizeConfig) -> str | None:
@@ -184,31 +200,50 @@ def optimize(
         tuning_data = strategy.calibration or _finetune_data(model, calibration, tokenizer, config)
         teacher = copy.deepcopy(model)
     result, undo = commit(model, installations)
-    if finetune is not None:
-        try:
-            tuned = run_finetune(result, teacher, tuning_data.batches, finetune)
-        except BaseException:
-            undo()
-            raise
-        report.timings["finetune_s"] = tuned.seconds
-        report.finetune = {
-            "steps": tuned.steps,
-            "first_loss": tuned.losses[0],
-            "last_loss": tuned.losses[-1],
-            "losses": tuned.losses,
-            "learning_rates": tuned.learning_rates,
-            "held_out": tuned.held_out,
-            "best_step": tuned.best_step,
-            "stopped_early": tuned.stopped_early,
-        }
-        del teacher
-
-    report.sites = [_site_report(inst, method_reasons[id(inst.fused.site)]) for inst in installations]
-    report.model_params_after = count_parameters(result)
-    if config.dump_dir:
-        dump.write_optimize(config.dump_dir, raw, canonical, graph_module, installations, report)
+    try:  # whatever fails after the commit (fine-tuning, a dump folder) puts the model back
+        if finetune is not None:
+            report.finetune = _finetune(result, teacher, tuning_data, finetune, report)
+            del teacher
+        report.sites = [_site_report(inst, method_reasons[id(inst.fused.site)]) for inst in installations]
+        report.model_params_after = count_parameters(result)
+        if config.dump_dir:
+            dump.write_optimize(config.dump_dir, raw, canonical, graph_module, installations, report)
+    except BaseException:
+        undo()
+        raise
     setattr(result, REPORT_ATTRIBUTE, report)
     return result
+
+
+def _not_installable(model: nn.Module, installation: Installation, places: dict[int, list[str]]) -> str:
+    """Why the installation cannot go into ``model`` as planned ("" if it can): a path that does not
+    resolve, or a module shared by several places (compressing it for one would change the others)."""
+    for path in installation.replacements():
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            return f"its module path {path!r} does not resolve in the model (a module used under two names?)"
+        if len(places[id(module)]) > 1:
+            return (
+                f"module {path!r} is shared ({', '.join(places[id(module)])} are one module): compressing "
+                "it for one place would change the others; untie the copies to compress them"
+            )
+    return ""
+
+
+def _finetune(result, teacher, tuning_data, finetune: FinetuneConfig, report: OptimizeReport) -> dict:
+    tuned = run_finetune(result, teacher, tuning_data.batches, finetune)
+    report.timings["finetune_s"] = tuned.seconds
+    return {
+        "steps": tuned.steps,
+        "first_loss": tuned.losses[0],
+        "last_loss": tuned.losses[-1],
+        "losses": tuned.losses,
+        "learning_rates": tuned.learning_rates,
+        "held_out": tuned.held_out,
+        "best_step": tuned.best_step,
+        "stopped_early": tuned.stopped_early,
+    }
 
 
 def _config(ratio, options: dict) -> OptimizeConfig:
@@ -226,11 +261,25 @@ def _config(ratio, options: dict) -> OptimizeConfig:
 
 
 def _example_inputs(model: nn.Module, example_inputs, example_kwargs) -> tuple[tuple, dict]:
+    """The capture's inputs: the caller's, with the default keyword arguments (``use_cache=False``
+    for a model that takes it) unless the caller gave their own; token ids checked against the
+    vocabulary."""
+    default_args, default_kwargs = default_example_inputs(model)
+    if example_kwargs is not None and not isinstance(example_kwargs, dict):
+        raise ConfigError(f"example_kwargs must be a dict, got {type(example_kwargs).__name__}")
+    kwargs = default_kwargs if example_kwargs is None else example_kwargs
     if example_inputs is None:
-        example_args, default_kwargs = default_example_inputs(model)
-        return example_args, default_kwargs if example_kwargs is None else example_kwargs
+        return default_args, kwargs
     example_args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    return example_args, example_kwargs or {}
+    vocab = vocabulary_size(model)
+    for index, value in enumerate(example_args):
+        if vocab is not None and isinstance(value, torch.Tensor) and not value.dtype.is_floating_point:
+            if value.numel() and (int(value.min()) < 0 or int(value.max()) >= vocab):
+                raise ConfigError(
+                    f"example_inputs[{index}] holds token ids outside [0, {vocab}) (the model's vocabulary): "
+                    f"{int(value.min())}..{int(value.max())}"
+                )
+    return example_args, kwargs
 
 
 def _capture_and_match(model, example_args, example_kwargs, config: OptimizeConfig, report: OptimizeReport):
@@ -289,7 +338,17 @@ def _plan_installations(model, graph_module, fused_sites, config, example_args, 
     """Where each fused site goes (read from the captured graph, which the fuse pass then rewrites),
     proven on a real run; refuse a model with nothing left."""
     attributed = attributed_nodes(graph_module.graph)
-    installations = [plan_installation(fused, model, attributed) for fused in fused_sites]
+    places: dict[int, list[str]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        places.setdefault(id(module), []).append(path)
+    installations = []
+    for fused in fused_sites:
+        installation = plan_installation(fused, model, attributed)
+        why = _not_installable(model, installation, places)
+        if why:
+            report.skipped.append(SkippedSite(fused.site.path, fused.site.pattern, why))
+        else:
+            installations.append(installation)
     if config.verify:
         installations = verify(installations, model, example_args, example_kwargs, attributed)
     kept = []

@@ -9,17 +9,27 @@ A checkpoint is a folder with
 
 Loading rebuilds the replaced modules from the recipe's shapes alone (no capture, no SVD, no
 calibration), installs them into the fresh model, and loads the tensors strictly: the loaded model
-computes exactly what the saved one did.  A recipe for another model class, a path the model lacks,
-or tensors whose names or shapes disagree are refused with a message that names the mismatch.
+computes exactly what the saved one did.
+
+Integrity: the recipe (format 3) records every saved tensor's dtype, shape and SHA-256.  Loading
+checks, before anything in the model changes, that the recipe is complete and consistent (known
+patterns and activations, factor shapes that chain), that the weights file parses and every tensor
+matches its digest, dtype and shape, and that the model with the replacements installed expects
+exactly those tensors.  Anything else is refused with a :class:`CheckpointError` naming the
+mismatch, and the model is left exactly as it was.  Saving never overwrites an existing file or a
+non-empty folder unless ``overwrite=True``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors import safe_open
+from safetensors.torch import load_file, load_model, save_model
 from torch import nn
 
 from neuronmm_fx.api import REPORT_ATTRIBUTE, report_of
@@ -30,10 +40,9 @@ from neuronmm_fx.patterns import pattern_of, pattern_of_module
 
 RECIPE_FILE = "neuronmm_recipe.json"
 WEIGHTS_FILE = "model.safetensors"
-RECIPE_FORMAT = 2  # 2: replaced modules described by pattern; format 1 (by class name) still loads
-READABLE_FORMATS = (1, 2)
-
-
+RECIPE_FORMAT = 3  # 3: tensor digests; 2: replaced modules by pattern; 1: by class name
+READABLE_FORMATS = (3,)  # earlier recipes carry no digests: load them with the version that wrote them
+_RECIPE_KEYS = ("format", "library", "model_class", "replaced", "tensors", "report", "integrity")
 
 
 def _describe(module: nn.Module) -> dict:
@@ -47,8 +56,20 @@ def _describe(module: nn.Module) -> dict:
     return {"pattern": pattern.name, "activation": getattr(module, "activation", None), "shapes": shapes}
 
 
-def recipe(model: nn.Module) -> dict:
-    """The JSON-able recipe of an optimized model."""
+def _digest(tensor: torch.Tensor) -> str:
+    data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
+    return hashlib.sha256(data.numpy().tobytes()).hexdigest()
+
+
+def _tensor_table(tensors: dict[str, torch.Tensor]) -> dict[str, dict]:
+    return {
+        name: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "sha256": _digest(t)}
+        for name, t in sorted(tensors.items())
+    }
+
+
+def recipe(model: nn.Module, tensors: dict[str, torch.Tensor] | None = None) -> dict:
+    """The JSON-able recipe of an optimized model (with the table of ``tensors``, the ones saved)."""
     import neuronmm_fx
 
     report = report_of(model)
@@ -67,17 +88,53 @@ def recipe(model: nn.Module) -> dict:
         "block": report.block,
         "calibration": report.calibration,
         "replaced": replaced,
+        "tensors": _tensor_table(tensors if tensors is not None else model.state_dict()),
         "ranks": {m.name: m.rank for site in report.sites for m in site.matrices},
         "report": report.to_dict(),
     }
 
 
-def save_compressed(model: nn.Module, folder: str | Path) -> Path:
-    """Write ``model.safetensors`` and ``neuronmm_recipe.json`` into ``folder``; return the folder."""
+def _tie_groups(model: nn.Module) -> list[list[str]]:
+    """State-dict names grouped by the tensor they share (tied embeddings are one group of two)."""
+    groups: dict[tuple, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        key = (
+            tensor.untyped_storage().data_ptr(),
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tensor.dtype,
+        )
+        groups.setdefault(key, []).append(name)
+    return list(groups.values())
+
+
+def save_compressed(model: nn.Module, folder: str | Path, *, overwrite: bool = False) -> Path:
+    """Write ``model.safetensors`` and ``neuronmm_recipe.json`` into ``folder``; return the folder.
+
+    Refuses (``CheckpointError``) an existing file, or a non-empty folder unless ``overwrite=True``,
+    before writing anything; a failure while writing removes what was written."""
     folder = Path(folder)
+    report_of(model)  # a model optimize() did not produce is refused here, before any file exists
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"cannot save into {folder}: it is a file")
+    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+        raise CheckpointError(f"{folder} is not empty; pass overwrite=True to replace its checkpoint")
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / RECIPE_FILE).write_text(json.dumps(recipe(model), indent=2))
-    save_model(model, str(folder / WEIGHTS_FILE))
+    written = [folder / WEIGHTS_FILE, folder / RECIPE_FILE]
+    try:
+        save_model(model, str(written[0]))
+        with safe_open(str(written[0]), framework="pt") as saved:
+            tensors = {name: saved.get_tensor(name) for name in saved.keys()}  # noqa: SIM118
+        saved = recipe(model, tensors)
+        saved["integrity"] = _integrity(saved)
+        written[1].write_text(json.dumps(saved, indent=2))
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        if created:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
     return folder
 
 
@@ -113,52 +170,157 @@ def _build(description: dict, dtype: torch.dtype) -> nn.Module:
     return pattern.build(description.get("activation"), factors)
 
 
-def load_compressed(model: nn.Module, folder: str | Path) -> nn.Module:
-    """Install the recipe's modules into a fresh ``model`` and load the saved tensors (in place)."""
-    folder = Path(folder)
+def _integrity(saved: dict) -> str:
+    """SHA-256 of what loading relies on: the model class, the replaced modules' descriptions
+    (patterns, activations, shapes) and the tensor table (itself holding each tensor's digest)."""
+    relied = {key: saved.get(key) for key in ("model_class", "replaced", "tensors")}
+    return hashlib.sha256(json.dumps(relied, sort_keys=True).encode()).hexdigest()
+
+
+def _read(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The recipe and the tensors of a checkpoint folder, each verified against the other."""
     recipe_path, weights_path = folder / RECIPE_FILE, folder / WEIGHTS_FILE
     if not recipe_path.is_file() or not weights_path.is_file():
         raise CheckpointError(
             f"{folder} is not a neuronmm_fx checkpoint (needs {RECIPE_FILE} and {WEIGHTS_FILE})"
         )
-    saved = json.loads(recipe_path.read_text())
-    if saved.get("library") != "neuronmm_fx" or saved.get("format") not in READABLE_FORMATS:
+    try:
+        saved = json.loads(recipe_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{recipe_path} is not valid JSON ({error})") from None
+    if not isinstance(saved, dict) or saved.get("library") != "neuronmm_fx":
+        raise CheckpointError(f"{recipe_path} is not a neuronmm_fx recipe")
+    if saved.get("format") not in READABLE_FORMATS:
         raise CheckpointError(
-            f"{recipe_path} is not a neuronmm_fx recipe of format {' or '.join(map(str, READABLE_FORMATS))}"
+            f"{recipe_path} has recipe format {saved.get('format')!r}; this version reads format "
+            f"{RECIPE_FORMAT} (older checkpoints carry no tensor digests: re-save them)"
         )
+    missing = [key for key in _RECIPE_KEYS if key not in saved]
+    if missing:
+        raise CheckpointError(f"{recipe_path} lacks {', '.join(missing)}")
+    if saved["integrity"] != _integrity(saved):
+        raise CheckpointError(
+            f"{recipe_path} was edited after saving: its model class, replaced modules or tensor table "
+            "no longer match its integrity digest"
+        )
+    try:
+        tensors = load_file(str(weights_path))
+    except Exception as error:  # truncated, not safetensors, unreadable
+        raise CheckpointError(f"{weights_path} is not a readable safetensors file ({error})") from None
+    table = saved["tensors"]
+    if not isinstance(table, dict) or set(table) != set(tensors):
+        extra, absent = sorted(set(tensors) - set(table or {})), sorted(set(table or {}) - set(tensors))
+        raise CheckpointError(
+            f"{weights_path} and the recipe disagree on the tensors: not in the recipe {extra[:5]}, "
+            f"not in the file {absent[:5]}"
+        )
+    for name, tensor in tensors.items():
+        entry = table[name]
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"the recipe's entry for {name} is malformed")
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        if entry.get("dtype") != dtype or entry.get("shape") != list(tensor.shape):
+            raise CheckpointError(
+                f"{name} is {dtype} {list(tensor.shape)} in {WEIGHTS_FILE} but the recipe says "
+                f"{entry.get('dtype')} {entry.get('shape')}"
+            )
+        if entry.get("sha256") != _digest(tensor):
+            raise CheckpointError(
+                f"{name} does not match its SHA-256 digest in the recipe: the file was changed"
+            )
+    return saved, tensors
+
+
+def _check_module(path: str, module: nn.Module, description: dict) -> None:
+    """The recipe's description must be self-consistent: factor shapes chain ``(in, r)·(r, out)``."""
+    if isinstance(module, nn.Identity):
+        return
+    for role in getattr(module, "roles", ("",)):
+        prefix = f"{role}_" if role else ""
+        u = getattr(module, f"{prefix}u")
+        v = getattr(module, f"{prefix}v")
+        bias = getattr(module, f"{prefix}bias")
+        if u is None:
+            raise CheckpointError(f"the recipe gives no factors for {path} ({role or 'lowrank'})")
+        out = u.shape[1] if v is None else v.shape[1]
+        if u.dim() != 2 or (v is not None and (v.dim() != 2 or v.shape[0] != u.shape[1])):
+            raise CheckpointError(f"the recipe's factors for {path} ({role or 'lowrank'}) do not chain")
+        if bias is not None and list(bias.shape) != [out]:
+            raise CheckpointError(f"the recipe's bias for {path} ({role or 'lowrank'}) has the wrong size")
+
+
+def load_compressed(model: nn.Module, folder: str | Path) -> nn.Module:
+    """Install the recipe's modules into a fresh ``model`` and load the saved tensors (in place).
+
+    Everything is checked before the model changes (see the module docstring); a refusal leaves
+    every tensor, module and attribute of ``model`` as it was."""
+    folder = Path(folder)
+    saved, tensors = _read(folder)
     if saved["model_class"] != type(model).__name__:
         raise CheckpointError(f"the checkpoint is for a {saved['model_class']}, not a {type(model).__name__}")
     _check_architecture(model, saved["report"])
     dtype = next(model.parameters()).dtype
-    plan = {path: _build(description, dtype) for path, description in saved["replaced"].items()}
+    plan: dict[str, nn.Module] = {}
+    for path, description in saved["replaced"].items():
+        if not isinstance(description, dict):
+            raise CheckpointError(f"the recipe's description of {path!r} is malformed")
+        try:
+            plan[path] = _build(description, dtype)
+        except (KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(f"the recipe's description of {path!r} is invalid ({error})") from None
+        _check_module(path, plan[path], description)
+    _check_fit(model, plan, tensors)
+    # nothing has changed so far; from here on only checked values are installed
     originals = []
     try:
         for path, module in plan.items():
             parent_path, _, name = path.rpartition(".")
-            try:
-                parent = model.get_submodule(parent_path)
-                original = getattr(parent, name)
-            except AttributeError:
-                raise CheckpointError(
-                    f"the checkpoint replaces {path!r}, which this model does not have"
-                ) from None
-            originals.append((parent, name, original))
+            parent = model.get_submodule(parent_path)
+            originals.append((parent, name, getattr(parent, name)))
             setattr(parent, name, module)
-        try:
-            missing, unexpected = load_model(model, str(weights_path), strict=False)
-        except RuntimeError as error:
-            raise CheckpointError(f"the checkpoint's tensors do not fit this model: {error}") from None
-        if missing or unexpected:
-            raise CheckpointError(
-                f"the checkpoint's tensors do not fit this model: missing {sorted(missing)[:5]}, "
-                f"unexpected {sorted(unexpected)[:5]}"
-            )
+        load_model(model, str(folder / WEIGHTS_FILE), strict=True)
     except BaseException:
         for parent, name, original in reversed(originals):
             setattr(parent, name, original)
         raise
     setattr(model, REPORT_ATTRIBUTE, _report_from(saved))
     return model
+
+
+def _check_fit(model: nn.Module, plan: dict[str, nn.Module], tensors: dict[str, torch.Tensor]) -> None:
+    """The model with ``plan``'s modules installed must take exactly ``tensors`` (each group of tied
+    names at least once, as ``save_model`` writes them), each with the right shape and dtype; checked
+    without installing anything."""
+    for path in plan:
+        parent_path, _, name = path.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_path)
+        except AttributeError:
+            parent = None
+        if parent is None or not hasattr(parent, name):
+            raise CheckpointError(f"the checkpoint replaces {path!r}, which this model does not have")
+    replaced = tuple(f"{path}." for path in plan)
+    current = model.state_dict()
+    groups = [[n for n in group if not n.startswith(replaced)] for group in _tie_groups(model)]
+    groups = [group for group in groups if group]
+    targets = {name: current[name] for group in groups for name in group}
+    for path, module in plan.items():
+        for key, value in module.state_dict().items():
+            targets[f"{path}.{key}"] = value
+            groups.append([f"{path}.{key}"])
+    surplus = sorted(set(tensors) - set(targets))
+    absent = [group[0] for group in groups if not any(name in tensors for name in group)]
+    if absent or surplus:
+        raise CheckpointError(
+            f"the checkpoint's tensors do not fit this model: missing {absent[:5]}, unexpected {surplus[:5]}"
+        )
+    for name, value in tensors.items():
+        target = targets[name]
+        if tuple(value.shape) != tuple(target.shape) or value.dtype != target.dtype:
+            raise CheckpointError(
+                f"{name} is {value.dtype} {tuple(value.shape)} in the checkpoint but this model expects "
+                f"{target.dtype} {tuple(target.shape)}"
+            )
 
 
 def _check_architecture(model: nn.Module, report: dict) -> None:

@@ -16,7 +16,7 @@ import torch
 
 import neuronmm_fx
 from neuronmm_fx.config import ALLOCATIONS, METHODS, OptimizeConfig
-from neuronmm_fx.errors import NeuronMMError
+from neuronmm_fx.errors import ConfigError, NeuronMMError, UnsupportedModelError
 
 DEFAULTS = OptimizeConfig()  # the command line's defaults are the library's
 
@@ -90,10 +90,14 @@ def _load_local(path: Path):
     """``(model, tokenizer or None)`` from a saved Hugging Face folder or a .gguf file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not path.exists():
-        raise FileNotFoundError(f"no model at {path}")
     folder, extra = (path.parent, {"gguf_file": path.name}) if path.suffix == ".gguf" else (path, {})
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra).eval()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra).eval()
+    except Exception as error:  # transformers raises many kinds; the user gets one line that says which
+        first = str(error).splitlines()[0] if str(error) else ""
+        raise UnsupportedModelError(
+            f"could not load a causal LM from {path} ({type(error).__name__}: {first})"
+        ) from error
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
     except (OSError, ValueError):
@@ -106,7 +110,7 @@ def _optimize(model, args, tokenizer=None) -> torch.nn.Module:
     calibration = None
     if args.calibration_text is not None:
         if tokenizer is None:
-            raise FileNotFoundError("--calibration-text needs the model's tokenizer next to the model")
+            raise ConfigError("--calibration-text needs the model's tokenizer next to the model")
         calibration = [args.calibration_text.read_text()]
     finetune = (
         neuronmm_fx.FinetuneConfig(steps=args.finetune_steps, progress=not args.quiet)
@@ -191,19 +195,56 @@ def run_demo(args) -> None:
         print("(plain truncated SVD ruins small models; the default method whitens, see the README)")
 
 
+def _check_args(args) -> None:
+    """Refuse bad options and unusable paths before anything is loaded (``ConfigError``)."""
+    neuronmm_fx.OptimizeConfig(
+        ratio=args.ratio,
+        block=args.block,
+        method=args.method,
+        allocation=args.allocation,
+        sequential=args.sequential,
+        calibration_tokens=args.calibration_tokens,
+        include=tuple(args.include),
+        exclude=tuple(args.exclude),
+        dump_dir=args.dump_dir,
+    )
+    if args.finetune_steps < 0:
+        raise ConfigError(f"--finetune-steps must be 0 or more, got {args.finetune_steps}")
+    if args.calibration_text is not None and not args.calibration_text.is_file():
+        raise ConfigError(f"--calibration-text {args.calibration_text} is not a file")
+    if args.save is not None and (
+        (args.save.exists() and not args.save.is_dir()) or (args.save.is_dir() and any(args.save.iterdir()))
+    ):
+        raise ConfigError(f"--save {args.save} exists and is not an empty folder; choose another path")
+    if args.report_json is not None and args.report_json.is_dir():
+        raise ConfigError(f"--report-json {args.report_json} is a folder")
+    model = getattr(args, "model", None)
+    if model is not None:
+        if not model.exists():
+            raise ConfigError(f"no model at {model}")
+        if model.is_dir() and not (model / "config.json").is_file():
+            raise ConfigError(f"{model} has no config.json: not a saved Hugging Face model folder")
+        if model.is_file() and model.suffix != ".gguf":
+            raise ConfigError(f"{model} is a file but not a .gguf model")
+        if model.is_file() and model.read_bytes()[:4] != b"GGUF":
+            raise ConfigError(f"{model} is not a GGUF file (it does not start with the GGUF magic)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Exit codes: 0 done, 1 the work failed (one ``neuronmm-fx: error:`` line), 2 bad usage."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
-        # refuse bad options before spending time on loading
-        neuronmm_fx.OptimizeConfig(
-            ratio=args.ratio, block=args.block, calibration_tokens=args.calibration_tokens
-        )
+        _check_args(args)  # bad options are refused before spending time on loading
+    except NeuronMMError as error:
+        parser.error(str(error))
+    try:
         if args.command == "demo":
             run_demo(args)
         else:
             model, tokenizer = _load_local(args.model)
             _optimize(model, args, tokenizer)
-    except (NeuronMMError, FileNotFoundError) as error:
+    except (NeuronMMError, OSError) as error:
         print(f"neuronmm-fx: error: {error}", file=sys.stderr)
         return 1
     return 0

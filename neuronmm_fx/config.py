@@ -85,14 +85,14 @@ class OptimizeConfig:
                 f"unknown calibration_dtype {self.calibration_dtype!r}: choose one of "
                 f"{', '.join(CALIBRATION_DTYPES)}"
             )
-        if not isinstance(self.sequential, bool):
-            raise ConfigError(f"sequential must be True or False, got {self.sequential!r}")
         for name in ("calibration_tokens", "calibration_seq_len", "sensitivity_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         for name in ("include", "exclude"):
             patterns = getattr(self, name)
+            if patterns is None or not isinstance(patterns, (str, tuple, list)):
+                raise ConfigError(f"{name} must be a module-path pattern or a list of them, got {patterns!r}")
             if isinstance(patterns, str):
                 object.__setattr__(self, name, (patterns,))
             elif not all(isinstance(p, str) for p in patterns):
@@ -100,6 +100,13 @@ class OptimizeConfig:
             else:
                 object.__setattr__(self, name, tuple(patterns))
         if self.dump_dir is not None:
+            if not isinstance(self.dump_dir, (str, Path)):
+                raise ConfigError(f"dump_dir must be a folder path, got {self.dump_dir!r}")
             object.__setattr__(self, "dump_dir", Path(self.dump_dir))
+            if self.dump_dir.exists() and not self.dump_dir.is_dir():
+                raise ConfigError(f"dump_dir {str(self.dump_dir)!r} exists and is not a folder")
+        for name in ("sequential", "verify", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         object.__setattr__(self, "ratio", float(ratio))
         object.__setattr__(self, "block", int(block))

@@ -251,14 +251,56 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> nn.Module:
     return old
 
 
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return any(getattr(module, name, None) for name in _HOOK_DICTS[:1] + _HOOK_DICTS[3:4])
+
+
+def _carry_over(old: nn.Module, new: nn.Module) -> list[str]:
+    """Give ``new`` what the user set on ``old``: mode, frozen parameters, forward hooks; say what
+    could not be carried (hooks on modules inside ``old``, or on a step that became an identity)."""
+    notes = []
+    new.train(old.training)
+    if not any(p.requires_grad for p in old.parameters()):
+        for parameter in new.parameters():
+            parameter.requires_grad_(False)
+    if isinstance(new, nn.Identity):
+        if _has_hooks(old):
+            notes.append("forward hooks on a fused-away step were dropped")
+        return notes
+    for name in _HOOK_DICTS:
+        getattr(new, name).update(getattr(old, name))
+    inner = [path for path, module in old.named_modules() if path and _has_hooks(module)]
+    if inner:
+        notes.append(f"forward hooks inside the replaced module were dropped ({', '.join(inner)})")
+    return notes
+
+
 def commit(model: nn.Module, installations: list[Installation]) -> tuple[nn.Module, Callable[[], None]]:
     """Install every replacement; on failure restore the model and re-raise.
 
-    Returns the new root and a function that undoes the whole install (for a later step that fails).
+    Each replacement takes over the replaced module's training mode, frozen parameters and forward
+    hooks (what cannot be carried is added to the installation's note).  Returns the new root and a
+    function that undoes the whole install (for a later step that fails).
     """
     replacements: dict[str, nn.Module] = {}
+    owner: dict[str, Installation] = {}
     for installation in installations:
         replacements.update(installation.replacements())
+        owner.update(dict.fromkeys(installation.replacements(), installation))
+    for path, module in replacements.items():
+        notes = _carry_over(model.get_submodule(path), module)
+        if notes:
+            installation = owner[path]
+            installation.note = "; ".join(filter(None, [installation.note, *notes]))
     if "" in replacements:  # the whole model is one site: the fused module becomes the model
         if len(replacements) != 1:
             raise RuntimeError("neuronmm_fx: a root replacement cannot be combined with other rewrites")

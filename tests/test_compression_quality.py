@@ -234,9 +234,11 @@ def test_fidelity_of_a_model_to_itself_is_perfect():
     assert result.kl == pytest.approx(0.0, abs=1e-6) and result.top1_agreement == 1.0
 
 
-def test_split_tokens_cuts_full_sequences():
+def test_split_tokens_cuts_full_sequences_and_keeps_the_tail():
     pieces = split_tokens(torch.arange(100), 30, max_tokens=95)
-    assert [p.shape for p in pieces] == [(1, 30)] * 3 and torch.equal(pieces[1][0], torch.arange(30, 60))
+    assert [p.shape for p in pieces] == [(1, 30)] * 3 + [(1, 5)]
+    assert torch.equal(pieces[1][0], torch.arange(30, 60)) and torch.equal(pieces[3][0], torch.arange(90, 95))
+    assert [p.shape[1] for p in split_tokens(torch.arange(61), 30)] == [30, 30]  # a 1-token tail is no text
 
 
 # --- save and load --------------------------------------------------------------------------------
@@ -289,7 +291,7 @@ def test_a_mismatched_checkpoint_is_refused_and_the_model_untouched(tmp_path):
         load_compressed(wider, tmp_path)
     assert [type(m) for m in wider.modules()] == types
     model.lm_head = nn.Linear(64, 100, bias=True)  # a tensor the fresh model lacks
-    save_compressed(model, tmp_path)
+    save_compressed(model, tmp_path, overwrite=True)
     with pytest.raises(
         CheckpointError, match=r"tensors do not fit this model: missing \[\], unexpected \['lm_head.bias'\]"
     ):

@@ -6,6 +6,7 @@ import sys
 
 import networkx as nx
 import pydot
+import pytest
 from helpers import tiny_model
 
 import neuronmm_fx
@@ -44,10 +45,14 @@ def test_cli_help_and_bad_options(capsys):
         [sys.executable, "-m", "neuronmm_fx", "demo", "--ratio", "abc"], capture_output=True, text=True
     )
     assert result.returncode == 2 and "invalid float value" in result.stderr
-    assert main(["demo", "--ratio", "1.5"]) == 1
-    assert "ratio must satisfy 0 < ratio < 1" in capsys.readouterr().err
-    assert main(["optimize", "/no/such/model"]) == 1
-    assert "no model at /no/such/model" in capsys.readouterr().err
+    # bad option values are usage errors (exit 2), refused before anything is loaded
+    for argv, message in (
+        (["demo", "--ratio", "1.5"], "ratio must satisfy 0 < ratio < 1"),
+        (["optimize", "/no/such/model"], "no model at /no/such/model"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2 and f"neuronmm-fx: error: {message}" in capsys.readouterr().err
 
 
 def test_cli_optimizes_a_saved_model_and_saves_the_result(tmp_path, capsys):

@@ -80,31 +80,52 @@ class Calibration:
             )
 
 
-def _as_batch(item) -> torch.Tensor:
+def _as_batch(item, vocab: int | None) -> torch.Tensor:
+    """One calibration batch as (batch, tokens) ids, or a model's feature tensor; ``ConfigError``
+    naming the problem otherwise (``vocab``: the model's vocabulary size, when it takes tokens)."""
     if isinstance(item, dict):
+        if "input_ids" not in item:
+            raise ConfigError(f"a calibration batch is a dict without 'input_ids' (keys: {sorted(item)})")
         item = item["input_ids"]
     elif isinstance(item, (tuple, list)) and item and isinstance(item[0], torch.Tensor):
         item = item[0]
     if not isinstance(item, torch.Tensor):
-        raise TypeError(
+        raise ConfigError(
             f"calibration batches must be tensors (or dicts with input_ids), got {type(item).__name__}"
         )
-    if item.dtype.is_floating_point:  # feature inputs of a model that does not take tokens
+    if vocab is None and item.dtype.is_floating_point:  # feature inputs of a model without tokens
         return item
+    if item.dtype.is_floating_point or item.dtype.is_complex or item.dtype == torch.bool:
+        raise ConfigError(f"calibration token ids must be integers, got a {item.dtype} tensor")
+    if item.dim() not in (1, 2) or item.numel() == 0:
+        raise ConfigError(
+            f"calibration token ids must be a non-empty (tokens,) or (batch, tokens) tensor, got shape "
+            f"{tuple(item.shape)}"
+        )
+    if vocab is not None and (int(item.min()) < 0 or int(item.max()) >= vocab):
+        raise ConfigError(
+            f"calibration token ids must lie in [0, {vocab}) (the model's vocabulary), got "
+            f"{int(item.min())}..{int(item.max())}"
+        )
     return item.long().reshape(1, -1) if item.dim() == 1 else item.long()
+
+
+def vocabulary_size(model: nn.Module) -> int | None:
+    """The vocabulary of a model that takes token ids, or None."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    return vocab if isinstance(vocab, int) and vocab > 0 else None
 
 
 def split_tokens(ids: torch.Tensor, seq_len: int, max_tokens: int | None = None) -> list[torch.Tensor]:
     """Cut a 1-D token stream into (1, seq_len) batches, at most ``max_tokens`` tokens in all.
 
-    A stream shorter than ``seq_len`` (but of at least two tokens) becomes one shorter batch.
+    A tail shorter than ``seq_len`` (but of at least two tokens) becomes one shorter batch.
     """
     ids = ids.reshape(-1)
     if max_tokens is not None:
         ids = ids[:max_tokens]
-    if 2 <= ids.numel() < seq_len:
-        return [ids.unsqueeze(0)]
-    return [ids[i : i + seq_len].unsqueeze(0) for i in range(0, ids.numel() - seq_len + 1, seq_len)]
+    pieces = [ids[i : i + seq_len] for i in range(0, ids.numel(), seq_len)]
+    return [piece.unsqueeze(0) for piece in pieces if piece.numel() >= 2]  # a shorter tail is kept
 
 
 def from_texts(texts: list[str], tokenizer, seq_len: int, max_tokens: int | None) -> list[torch.Tensor]:
@@ -268,27 +289,32 @@ def prepare(
         and all(isinstance(t, str) for t in calibration)
     ):
         if tokenizer is None:
-            raise ValueError(
+            raise ConfigError(
                 "calibration texts need a tokenizer: optimize(..., calibration=texts, tokenizer=tok)"
             )
         batches = from_texts(list(calibration), tokenizer, seq_len, max_tokens)
         tokens = sum(b.numel() for b in batches)
+        if not batches:
+            raise ConfigError("the calibration texts gave fewer than two tokens: nothing to calibrate on")
         return Calibration(batches, f"{len(calibration)} text(s), {tokens} tokens"), ""
     if isinstance(calibration, torch.Tensor):
         calibration = [calibration]
     if not isinstance(calibration, Iterable):
-        raise TypeError(
+        raise ConfigError(
             f"calibration must be token tensors, a DataLoader or texts, got {type(calibration).__name__}"
         )
+    if isinstance(calibration, (str, bytes)):
+        raise ConfigError("calibration texts go in a list: calibration=[text, ...] with tokenizer=")
     batches, total = [], 0
+    vocab = vocabulary_size(model)
     for item in calibration:
-        batch = _as_batch(item)
+        batch = _as_batch(item, vocab)
         batches.append(batch)
         total += batch.numel()
         if max_tokens is not None and total >= max_tokens:
             break
     if not batches:
-        raise ValueError("calibration data is empty")
+        raise ConfigError("calibration data is empty")
     return Calibration(batches, f"{len(batches)} user batch(es), {total} tokens"), ""
 
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from neuronmm_fx.errors import ConfigError
 from neuronmm_fx.modules import CompressedMLP, LowRankLinear
 
 HOLDOUT_SHARE = 8  # one batch in this many is held out for early stopping
@@ -122,10 +123,10 @@ def finetune(
     """Train ``student``'s factors on ``batches`` (token-id tensors) to match ``teacher``."""
     config = config or FinetuneConfig()
     if not batches:
-        raise ValueError("fine-tuning needs at least one calibration batch")
+        raise ConfigError("fine-tuning needs at least one calibration batch")
     trainable = factor_parameters(student)
     if not trainable:
-        raise ValueError("the model has no compressed modules to fine-tune (run neuronmm_fx.optimize first)")
+        raise ConfigError("the model has no compressed modules to fine-tune (run neuronmm_fx.optimize first)")
     training, held_out = _split(batches)
     if not config.eval_every:
         training, held_out = training + held_out, []
@@ -134,7 +135,9 @@ def finetune(
         p.requires_grad_(False)
     for p in trainable:
         p.requires_grad_(True)
-    was_training = student.training
+    was_training, teacher_was_training = student.training, teacher.training
+    initial = [p.detach().clone() for p in trainable]  # put back if anything fails
+    grads = [p.grad for p in trainable]
     student.eval()  # no dropout: the teacher is in eval mode too
     teacher.eval()
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
@@ -180,9 +183,17 @@ def finetune(
                     p.copy_(value)
         else:
             result.best_step = result.steps
+    except BaseException:
+        with torch.no_grad():
+            for p, value in zip(trainable, initial, strict=True):
+                p.copy_(value)
+        raise
     finally:
         for p, flag in frozen.items():
             p.requires_grad_(flag)
+        for p, grad in zip(trainable, grads, strict=True):
+            p.grad = grad
         student.train(was_training)
+        teacher.train(teacher_was_training)
         result.seconds = time.perf_counter() - start
     return result
