@@ -154,34 +154,24 @@ def _optimized() -> nn.Module:
     return neuronmm_fx.optimize(llama(), ratio=0.3, **SVD)
 
 
-def _three_layers() -> nn.Module:
-    import transformers as T
+def _llama_variant(layers: int = 2, vocab: int = 100) -> Callable[[], nn.Module]:
+    """A tiny LLaMA like ``llama()`` but with another depth or vocabulary."""
 
-    config = T.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=100,
-    )
-    torch.manual_seed(0)
-    return T.LlamaForCausalLM(config).eval()
+    def make() -> nn.Module:
+        import transformers as T
 
+        config = T.LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=vocab,
+        )
+        torch.manual_seed(0)
+        return T.LlamaForCausalLM(config).eval()
 
-def _other_vocab() -> nn.Module:
-    import transformers as T
-
-    config = T.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=120,
-    )
-    torch.manual_seed(0)
-    return T.LlamaForCausalLM(config).eval()
+    return make
 
 
 def _truncate(folder: Path) -> None:
@@ -423,13 +413,13 @@ CASES: list[Case] = [
         "a checkpoint of a 2-layer model onto a 3-layer one",
         "tensors do not fit this model",
         lambda f: None,
-        model=_three_layers,
+        model=_llama_variant(layers=3),
     ),
     load_case(
         "another vocabulary size",
         r"\(100, 64\) in the checkpoint but this model expects torch.float32 \(120, 64\)",
         lambda f: None,
-        model=_other_vocab,
+        model=_llama_variant(vocab=120),
     ),
     load_case(
         "another model class",
