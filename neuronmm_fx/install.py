@@ -261,7 +261,9 @@ _HOOK_DICTS = (
 
 
 def _has_hooks(module: nn.Module) -> bool:
-    return any(getattr(module, name, None) for name in _HOOK_DICTS[:1] + _HOOK_DICTS[3:4])
+    """Whether the user registered a forward hook or pre-hook on ``module`` (the other dictionaries
+    only hold flags about those)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 def _carry_over(old: nn.Module, new: nn.Module) -> list[str]:

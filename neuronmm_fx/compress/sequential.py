@@ -14,7 +14,10 @@ compresses block by block on cached calibration hidden states, so that
    ``C = h_cᵀh_d``): SVD-LLM's closed-form update of the second factor, generalised to a target that
    differs from the input.  It is kept only where it lowers the output error on held-out
    calibration batches; otherwise the plain whitened factors of ``h_c`` are used;
-3. the block then runs with all its compressed matrices, and its outputs feed the next block.
+3. where the sensitivity pass measured the Fisher information of a matrix's outputs, its output
+   channels are weighted by ``√(f/mean f + 1)`` in both fits
+   (:func:`~neuronmm_fx.compress.factorize.fisher_weights`);
+4. the block then runs with all its compressed matrices, and its outputs feed the next block.
 
 Tried and dropped: aiming the first projections too at the *dense model's* inputs (a second stream of
 dense hidden states, least squares from compressed to dense inputs, and the down projection at the
@@ -40,6 +43,7 @@ from neuronmm_fx.compress import layerwise
 from neuronmm_fx.compress.factorize import fisher_weights, split_factors, whitened_svd, whitening
 from neuronmm_fx.passes.match import Projection
 
+_FISHER_NOTE = "; output channels weighted by their Fisher information"
 HOLDOUT_SHARE = 8  # one calibration batch in this many is held out to judge the least-squares refit
 BATCH_TOKENS = 1024  # calibration tokens per block forward
 
@@ -158,12 +162,13 @@ def _compress_block(work, jobs: list[Job], inputs, holdout: set[int], factors: d
             whitened[job.gram_key] = whitening(grams.grams[job.gram_key])
         s_t, s_inv_t = whitened[job.gram_key]
         weight = job.projection.weight_in_out()
-        left, singular, right_t = whitened_svd(
-            s_inv_t, s_t @ weight.double(), fisher_weights(job.output_fisher)
-        )
+        weights = fisher_weights(job.output_fisher)
+        left, singular, right_t = whitened_svd(s_inv_t, s_t @ weight.double(), weights)
         u, v = split_factors(left, singular, right_t, job.rank, weight.dtype)
         factors[id(job.projection)] = (u, v)
-        notes[id(job.projection)] = "whitened by the inputs the compressed blocks before it produce"
+        notes[id(job.projection)] = "whitened by the inputs the compressed blocks before it produce" + (
+            _FISHER_NOTE if weights is not None else ""
+        )
         install_weight(work, job, u.double() @ v.double())
     if not second:
         return
@@ -211,5 +216,5 @@ def _compress_block(work, jobs: list[Job], inputs, holdout: set[int], factors: d
         if held_in[id(job)]:
             note += f"; held-out error of the refit {refit_error / plain_error:.3f}× plain whitening's"
         factors[id(job.projection)] = (u, v)
-        notes[id(job.projection)] = note
+        notes[id(job.projection)] = note + (_FISHER_NOTE if weights is not None else "")
         install_weight(work, job, u.double() @ v.double())
