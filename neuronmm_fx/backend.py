@@ -60,6 +60,7 @@ from neuronmm_fx.frontends import dynamo
 from neuronmm_fx.passes.canonicalize import Canonicalize, may_mutate
 from neuronmm_fx.passes.decanonicalize import Decanonicalize
 from neuronmm_fx.passes.fuse import Fuse, OperandSource
+from neuronmm_fx.passes.ir import neuronmm_op, neuronmm_ops
 from neuronmm_fx.passes.match import Match, Projection, Site
 from neuronmm_fx.report import GraphRecord, SiteReport, SkippedSite, matrix_report
 
@@ -285,7 +286,8 @@ def _compress(sites: list[Site], options: BackendOptions, record: GraphRecord):
 def rewrite_graph(
     gm: fx.GraphModule, example_inputs: Sequence, options: BackendOptions | None = None
 ) -> tuple[GraphRecord, list[torch.Tensor], dict[int, tuple[str, torch.Tensor, int]]]:
-    """Run canonicalize → match → compress → fuse → decanonicalize on a Dynamo graph in place.
+    """Run canonicalize → match → compress → fuse → decanonicalize in place on a Dynamo graph
+    prepared by :func:`neuronmm_fx.frontends.dynamo.prepare` (a copy, module paths normalised).
 
     Returns the record, the frozen factor tensors the graph now takes after its own inputs (only with
     ``ratio``), and the graph inputs (by index) that those factors were computed from.
@@ -294,32 +296,22 @@ def rewrite_graph(
     compile_id = torch._guards.CompileContext.current_compile_id()
     record = GraphRecord(next(_INDEX), str(compile_id) if compile_id is not None else "-", options.compiler)
     graph = gm.graph
-    dynamo.normalize_module_paths(graph)
     record.before = dump.to_text(dump.snapshot(graph), f"graph {record.index:03d}: as Dynamo captured it")
-    record.existing = dynamo.neuronmm_ops(graph)
+    record.existing = neuronmm_ops(graph)
     functional = not any(may_mutate(n) for n in graph.nodes)
     Canonicalize(dynamo.resolver(gm, example_inputs), functional=functional)(gm)
     to_fuse = _compress(Match()(gm).sites, options, record)
-    sources: list[DynamoOperands] = []
-
-    def source(graph_module: fx.GraphModule) -> DynamoOperands:
-        sources.append(DynamoOperands(graph_module, example_inputs))
-        return sources[-1]
-
-    fused = Fuse(to_fuse, source)(gm)
+    operands = DynamoOperands(gm, example_inputs)
+    fused = Fuse(to_fuse, operands)(gm)
     for index, (site, compressed) in enumerate(to_fuse):
         node = fused.fused[index]
         matrices = [matrix_report(result) for result in compressed.values()]
         record.sites.append(
-            SiteReport(
-                site.path, site.pattern, site.activation, dynamo.neuronmm_op(node), [node.name], matrices
-            )
+            SiteReport(site.path, site.pattern, site.activation, neuronmm_op(node), [node.name], matrices)
         )
     record.dense_linears = Decanonicalize()(gm).dense_paths
     graph.lint()
-    gm.recompile()
-    record.op_counts = dynamo.neuronmm_ops(graph)
-    operands = sources[0]
+    record.op_counts = neuronmm_ops(graph)
     record.frozen_inputs = len(operands.extra)
     record.after = dump.to_text(
         dump.snapshot(graph), f"graph {record.index:03d}: handed to {options.compiler}"

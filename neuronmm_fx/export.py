@@ -22,7 +22,7 @@ from torch.export import Dim, ExportedProgram
 
 from neuronmm_fx import ops  # noqa: F401  (registers the neuronmm custom ops before any load)
 from neuronmm_fx.errors import CaptureError
-from neuronmm_fx.frontends.dynamo import neuronmm_op
+from neuronmm_fx.passes.ir import neuronmm_ops as graph_neuronmm_ops
 
 
 class CausalLMLogits(nn.Module):
@@ -88,8 +88,7 @@ def export_causal_lm(
 
 def neuronmm_ops(program: ExportedProgram | torch.fx.GraphModule) -> Counter:
     """How many calls of each ``neuronmm`` op an exported program (or graph module) contains."""
-    graph = program.graph if isinstance(program, ExportedProgram) else program.graph
-    return Counter(op for op in map(neuronmm_op, graph.nodes) if op is not None)
+    return graph_neuronmm_ops(program.graph)
 
 
 def save(program: ExportedProgram, path: str | Path) -> Path:

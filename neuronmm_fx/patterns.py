@@ -61,10 +61,6 @@ class Pattern:
     build: Callable[[str | None, dict[str, Factors]], nn.Module]  # (activation, factors) -> module
     sequential: bool  # its steps run one after another (so each may be its own module in a chain)
 
-    @property
-    def op_name(self) -> str:
-        return self.op._schema.name
-
     def uncompressed(self, site: Site) -> nn.Module:
         """The site's module fed with its original weights: computes exactly what the site did."""
         factors = {}

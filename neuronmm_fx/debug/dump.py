@@ -21,7 +21,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from neuronmm_fx.passes.ir import DENSE, module_paths
+from neuronmm_fx.passes.ir import DENSE, module_paths, neuronmm_op
 
 
 def _describe_target(node: fx.Node) -> str:
@@ -110,7 +110,7 @@ def write_optimize(
     dump_dir.mkdir(parents=True, exist_ok=True)
     (dump_dir / "discovery.txt").write_text(str(report) + "\n")
     fused = snapshot(fused_graph.graph)
-    op_nodes = {n.name for n in fused_graph.graph.nodes if getattr(n.target, "namespace", None) == "neuronmm"}
+    op_nodes = {n.name for n in fused_graph.graph.nodes if neuronmm_op(n) is not None}
     for index, installation in enumerate(installations):
         site = installation.fused.site
         folder = site_folder(dump_dir, index, site.path)

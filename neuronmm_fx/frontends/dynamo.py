@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import operator
 import re
-from collections import Counter
 from collections.abc import Callable, Sequence
 
-import torch
 import torch.fx as fx
 from torch import nn
 
@@ -78,22 +76,3 @@ def prepare(gm: fx.GraphModule) -> fx.GraphModule:
     copied = copy_graph_module(gm)
     normalize_module_paths(copied.graph)
     return copied
-
-
-def neuronmm_op(node: fx.Node) -> str | None:
-    """``neuronmm::xuv``/``neuronmm::svd_mlp`` if ``node`` calls that op, else None."""
-    if node.op != "call_function":
-        return None
-    target = node.target
-    if isinstance(target, torch._ops.OpOverload):
-        name = target._schema.name
-    elif isinstance(target, torch._ops.OpOverloadPacket):
-        name = target._qualified_op_name
-    else:
-        return None
-    return name if name.startswith("neuronmm::") else None
-
-
-def neuronmm_ops(graph: fx.Graph) -> Counter:
-    """How many calls of each ``neuronmm`` op the graph holds."""
-    return Counter(op for op in map(neuronmm_op, graph.nodes) if op is not None)

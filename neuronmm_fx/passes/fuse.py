@@ -29,7 +29,7 @@ import torch.fx as fx
 
 from neuronmm_fx.compress.factorize import CompressedProjection
 from neuronmm_fx.passes import CheckedPass, PassCheckError
-from neuronmm_fx.passes.ir import MODULE_PATH
+from neuronmm_fx.passes.ir import MODULE_PATH, neuronmm_op, neuronmm_ops
 from neuronmm_fx.passes.match import Site
 from neuronmm_fx.patterns import Operands, pattern_of
 
@@ -88,16 +88,18 @@ class Fuse(CheckedPass):
     def __init__(
         self,
         sites: list[tuple[Site, dict[str, CompressedProjection]]],
-        source: Callable[[fx.GraphModule], OperandSource] = OperandSource,
+        source: OperandSource | None = None,
     ) -> None:
+        """``source`` brings the operands into the graph; by default an :class:`OperandSource` of the
+        graph module the pass runs on."""
         self.sites = sites
         self.source = source
         self._expected: Counter = Counter()
 
     def call(self, graph_module: fx.GraphModule) -> FuseResult:
-        source = self.source(graph_module)
+        source = self.source or OperandSource(graph_module)
         graph = graph_module.graph
-        before = _op_counts(graph)
+        before = neuronmm_ops(graph)
         fused: dict[int, fx.Node] = {}
         left_alone: dict[int, str] = {}
         for index, (site, compressed) in enumerate(self.sites):
@@ -119,20 +121,12 @@ class Fuse(CheckedPass):
             fused[index] = new
         graph.lint()
         graph_module.recompile()
-        self._expected = before + Counter(node.target for node in fused.values())
+        self._expected = before + Counter(neuronmm_op(node) for node in fused.values())
         counts = Counter(self.sites[index][0].pattern for index in fused)
         return FuseResult(graph_module, bool(fused), fused, left_alone, counts)
 
     def check(self, graph_module: fx.GraphModule) -> None:
         """One op call per fused site was added, and no other ``neuronmm`` op appeared or vanished."""
-        after = _op_counts(graph_module.graph)
+        after = neuronmm_ops(graph_module.graph)
         if after != self._expected:
             raise PassCheckError(f"neuronmm ops after fusing: {dict(after)}, expected {dict(self._expected)}")
-
-
-def _op_counts(graph: fx.Graph) -> Counter:
-    return Counter(
-        node.target
-        for node in graph.nodes
-        if node.op == "call_function" and getattr(node.target, "namespace", None) == "neuronmm"
-    )

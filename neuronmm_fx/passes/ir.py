@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import operator
 import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -133,3 +134,22 @@ def module_paths(node: fx.Node) -> list[str]:
     if not stack:
         return [module_path(node)] if MODULE_PATH in node.meta else []
     return [clean_module_path(entry[0]) for entry in stack.values()]
+
+
+def neuronmm_op(node: fx.Node) -> str | None:
+    """``neuronmm::xuv``/``neuronmm::svd_mlp`` if ``node`` calls that op, else None."""
+    if node.op != "call_function":
+        return None
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        name = target._schema.name
+    elif isinstance(target, torch._ops.OpOverloadPacket):
+        name = target._qualified_op_name
+    else:
+        return None
+    return name if name.startswith("neuronmm::") else None
+
+
+def neuronmm_ops(graph: fx.Graph) -> Counter:
+    """How many calls of each ``neuronmm`` op the graph holds, by qualified name."""
+    return Counter(op for op in map(neuronmm_op, graph.nodes) if op is not None)
