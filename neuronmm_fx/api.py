@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from neuronmm_fx.compress.calibration import can_generate, vocabulary_size
 from neuronmm_fx.compress.calibration import prepare as prepare_calibration
-from neuronmm_fx.compress.factorize import compress_site
+from neuronmm_fx.compress.factorize import all_dense, compress_site
 from neuronmm_fx.compress.finetune import FinetuneConfig
 from neuronmm_fx.compress.finetune import finetune as run_finetune
 from neuronmm_fx.compress.strategy import plan
@@ -42,7 +42,7 @@ from neuronmm_fx.ops import SUPPORTED_DTYPES
 from neuronmm_fx.passes.canonicalize import Canonicalize
 from neuronmm_fx.passes.fuse import Fuse
 from neuronmm_fx.passes.match import Match, Site
-from neuronmm_fx.report import MatrixReport, OptimizeReport, SiteReport, SkippedSite
+from neuronmm_fx.report import MatrixReport, OptimizeReport, SiteReport, SkippedSite, matrix_report
 
 log = logging.getLogger("neuronmm_fx")
 
@@ -54,6 +54,14 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _module_places(model: nn.Module) -> dict[int, list[str]]:
+    """Every path under which each module (by ``id``) is reachable."""
+    places: dict[int, list[str]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        places.setdefault(id(module), []).append(path)
+    return places
+
+
 def check_model(model: nn.Module) -> None:
     """Refuse models ``optimize`` cannot work on, naming the first offending layer."""
     if not isinstance(model, nn.Module):
@@ -63,9 +71,7 @@ def check_model(model: nn.Module) -> None:
         raise UnsupportedModelError(
             f"{type(model).__name__} has no nn.Linear or Conv1D layers: there is nothing to compress"
         )
-    places: dict[int, list[str]] = {}
-    for path, module in model.named_modules(remove_duplicate=False):
-        places.setdefault(id(module), []).append(path)
+    places = _module_places(model)
     for module in model.modules():
         if len(places[id(module)]) > 1 and linear_modules(module):
             raise UnsupportedModelError(
@@ -102,30 +108,29 @@ def _selected(path: str, config: OptimizeConfig) -> str | None:
     return None
 
 
+_NOT_REPLACEABLE = "not fused, and its weight is not a whole nn.Linear/Conv1D that could be replaced alone"
+
+
 def _matrix_reports(installation: Installation, method_reasons: dict[str, str]) -> list[MatrixReport]:
     fused = installation.fused
     reports = []
     for role, result in fused.compressed.items():
-        rank, method, after, reason = result.rank, result.method, result.params_after, result.reason
+        report = matrix_report(result, method_reasons.get(role, ""))
         projection = fused.site.projections[role]
         module = (projection.first or projection.dense).module_path
-        if installation.kind == PER_MATRIX and method != "dense" and module not in installation.per_matrix:
-            rank, method, after = None, "dense", result.params_before
-            reason = "not fused, and its weight is not a whole nn.Linear/Conv1D that could be replaced alone"
-        reports.append(
-            MatrixReport(
-                result.name,
-                role,
-                result.in_features,
-                result.out_features,
-                rank,
-                method,
-                result.params_before,
-                after,
-                reason,
-                method_reasons.get(role, ""),
+        if (
+            installation.kind == PER_MATRIX
+            and report.method != "dense"
+            and module not in installation.per_matrix
+        ):
+            report = dataclasses.replace(
+                report,
+                rank=None,
+                method="dense",
+                params_after=result.params_before,
+                reason=_NOT_REPLACEABLE,
             )
-        )
+        reports.append(report)
     return reports
 
 
@@ -215,19 +220,14 @@ def optimize(
     return result
 
 
-def _not_installable(model: nn.Module, installation: Installation, places: dict[int, list[str]]) -> str:
+def _not_installable(model: nn.Module, installation: Installation) -> str:
     """Why the installation cannot go into ``model`` as planned ("" if it can): a path that does not
-    resolve, or a module shared by several places (compressing it for one would change the others)."""
+    resolve.  (Modules shared by several places were refused by :func:`check_model`.)"""
     for path in installation.replacements():
         try:
-            module = model.get_submodule(path)
+            model.get_submodule(path)
         except AttributeError:
             return f"its module path {path!r} does not resolve in the model (a module used under two names?)"
-        if len(places[id(module)]) > 1:
-            return (
-                f"module {path!r} is shared ({', '.join(places[id(module)])} are one module): compressing "
-                "it for one place would change the others; untie the copies to compress them"
-            )
     return ""
 
 
@@ -321,11 +321,9 @@ def _compress_and_fuse(model, sites, config, calibration, tokenizer, report):
     )
     for site, site_plan in progress:
         compressed = compress_site(site, site_plan.decisions, site_plan.factorizers)
-        if all(c.method == "dense" for c in compressed.values()):
-            reasons = "; ".join(f"{c.name}: {c.reason}" for c in compressed.values())
-            report.skipped.append(
-                SkippedSite(site.path, site.pattern, f"every matrix stays dense ({reasons})")
-            )
+        why = all_dense(compressed)
+        if why is not None:
+            report.skipped.append(SkippedSite(site.path, site.pattern, why))
             continue
         method_reasons[id(site)] = site_plan.method_reasons
         fused_sites.append(FusedSite.build(site, compressed))
@@ -338,13 +336,10 @@ def _plan_installations(model, graph_module, fused_sites, config, example_args, 
     """Where each fused site goes (read from the captured graph, which the fuse pass then rewrites),
     proven on a real run; refuse a model with nothing left."""
     attributed = attributed_nodes(graph_module.graph)
-    places: dict[int, list[str]] = {}
-    for path, module in model.named_modules(remove_duplicate=False):
-        places.setdefault(id(module), []).append(path)
     installations = []
     for fused in fused_sites:
         installation = plan_installation(fused, model, attributed)
-        why = _not_installable(model, installation, places)
+        why = _not_installable(model, installation)
         if why:
             report.skipped.append(SkippedSite(fused.site.path, fused.site.pattern, why))
         else:

@@ -51,7 +51,7 @@ import torch
 import torch.fx as fx
 
 from neuronmm_fx import ops  # noqa: F401  (registers the neuronmm custom ops)
-from neuronmm_fx.compress.factorize import CompressedProjection, compress_site
+from neuronmm_fx.compress.factorize import CompressedProjection, all_dense, compress_site
 from neuronmm_fx.compress.strategy import plan
 from neuronmm_fx.config import OptimizeConfig
 from neuronmm_fx.debug import dump
@@ -272,11 +272,9 @@ def _compress(sites: list[Site], options: BackendOptions, record: GraphRecord):
                 compressed = compress_site(
                     site, site_plan.decisions, site_plan.factorizers, materialize=False
                 )
-        if all(c.method == "dense" for c in compressed.values()):
-            reasons = "; ".join(f"{c.name}: {c.reason}" for c in compressed.values())
-            record.skipped.append(
-                SkippedSite(site.path, site.pattern, f"every matrix stays dense ({reasons})")
-            )
+        why = all_dense(compressed)
+        if why is not None:
+            record.skipped.append(SkippedSite(site.path, site.pattern, why))
             continue
         _check_freezable(site, compressed)
         to_fuse.append((site, compressed))

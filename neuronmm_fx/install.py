@@ -296,8 +296,9 @@ def commit(model: nn.Module, installations: list[Installation]) -> tuple[nn.Modu
     replacements: dict[str, nn.Module] = {}
     owner: dict[str, Installation] = {}
     for installation in installations:
-        replacements.update(installation.replacements())
-        owner.update(dict.fromkeys(installation.replacements(), installation))
+        planned = installation.replacements()  # builds the Identity modules: once
+        replacements.update(planned)
+        owner.update(dict.fromkeys(planned, installation))
     for path, module in replacements.items():
         notes = _carry_over(model.get_submodule(path), module)
         if notes:

@@ -256,6 +256,14 @@ def compress_projection(
     return CompressedProjection(factors=Factors(u, v, projection.bias), method=factorize.name, **common)
 
 
+def all_dense(compressed: dict[str, CompressedProjection]) -> str | None:
+    """Why a site is not worth fusing (every projection stayed dense), or None."""
+    if not all(c.method == "dense" for c in compressed.values()):
+        return None
+    reasons = "; ".join(f"{c.name}: {c.reason}" for c in compressed.values())
+    return f"every matrix stays dense ({reasons})"
+
+
 def compress_site(
     site: Site,
     decisions: dict[str, RankDecision],
