@@ -172,8 +172,9 @@ def _build(description: dict, dtype: torch.dtype) -> nn.Module:
 
 def _integrity(saved: dict) -> str:
     """SHA-256 of what loading relies on: the model class, the replaced modules' descriptions
-    (patterns, activations, shapes) and the tensor table (itself holding each tensor's digest)."""
-    relied = {key: saved.get(key) for key in ("model_class", "replaced", "tensors")}
+    (patterns, activations, shapes), the tensor table (itself holding each tensor's digest) and the
+    report (its matrices are checked against the model and it is attached to the loaded model)."""
+    relied = {key: saved.get(key) for key in ("model_class", "replaced", "tensors", "report")}
     return hashlib.sha256(json.dumps(relied, sort_keys=True).encode()).hexdigest()
 
 
@@ -231,7 +232,7 @@ def _read(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return saved, tensors
 
 
-def _check_module(path: str, module: nn.Module, description: dict) -> None:
+def _check_module(path: str, module: nn.Module) -> None:
     """The recipe's description must be self-consistent: factor shapes chain ``(in, r)·(r, out)``."""
     if isinstance(module, nn.Identity):
         return
@@ -258,7 +259,13 @@ def load_compressed(model: nn.Module, folder: str | Path) -> nn.Module:
     saved, tensors = _read(folder)
     if saved["model_class"] != type(model).__name__:
         raise CheckpointError(f"the checkpoint is for a {saved['model_class']}, not a {type(model).__name__}")
-    _check_architecture(model, saved["report"])
+    try:  # built before anything changes: a malformed report must not fail after the install
+        report = _report_from(saved)
+        _check_architecture(model, saved["report"])
+    except CheckpointError:
+        raise
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"the recipe's report is malformed ({type(error).__name__}: {error})") from None
     dtype = next(model.parameters()).dtype
     plan: dict[str, nn.Module] = {}
     for path, description in saved["replaced"].items():
@@ -268,7 +275,7 @@ def load_compressed(model: nn.Module, folder: str | Path) -> nn.Module:
             plan[path] = _build(description, dtype)
         except (KeyError, TypeError, ValueError) as error:
             raise CheckpointError(f"the recipe's description of {path!r} is invalid ({error})") from None
-        _check_module(path, plan[path], description)
+        _check_module(path, plan[path])
     _check_fit(model, plan, tensors)
     # nothing has changed so far; from here on only checked values are installed
     originals = []
@@ -283,7 +290,7 @@ def load_compressed(model: nn.Module, folder: str | Path) -> nn.Module:
         for parent, name, original in reversed(originals):
             setattr(parent, name, original)
         raise
-    setattr(model, REPORT_ATTRIBUTE, _report_from(saved))
+    setattr(model, REPORT_ATTRIBUTE, report)
     return model
 
 
