@@ -28,12 +28,12 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, load_model, save_model
+from safetensors.torch import load_file, save_model
 from torch import nn
 
 from neuronmm_fx.api import REPORT_ATTRIBUTE, report_of
 from neuronmm_fx.errors import CheckpointError
+from neuronmm_fx.install import set_submodule
 from neuronmm_fx.modules import Factors
 from neuronmm_fx.passes.match import GATED, LOWRANK, PLAIN
 from neuronmm_fx.patterns import pattern_of, pattern_of_module
@@ -68,8 +68,8 @@ def _tensor_table(tensors: dict[str, torch.Tensor]) -> dict[str, dict]:
     }
 
 
-def recipe(model: nn.Module, tensors: dict[str, torch.Tensor] | None = None) -> dict:
-    """The JSON-able recipe of an optimized model (with the table of ``tensors``, the ones saved)."""
+def recipe(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict:
+    """The JSON-able recipe of an optimized model, with the table of ``tensors`` (the ones saved)."""
     import neuronmm_fx
 
     report = report_of(model)
@@ -88,7 +88,7 @@ def recipe(model: nn.Module, tensors: dict[str, torch.Tensor] | None = None) -> 
         "block": report.block,
         "calibration": report.calibration,
         "replaced": replaced,
-        "tensors": _tensor_table(tensors if tensors is not None else model.state_dict()),
+        "tensors": _tensor_table(tensors),
         "ranks": {m.name: m.rank for site in report.sites for m in site.matrices},
         "report": report.to_dict(),
     }
@@ -124,11 +124,10 @@ def save_compressed(model: nn.Module, folder: str | Path, *, overwrite: bool = F
     written = [folder / WEIGHTS_FILE, folder / RECIPE_FILE]
     try:
         save_model(model, str(written[0]))
-        with safe_open(str(written[0]), framework="pt") as saved:
-            tensors = {name: saved.get_tensor(name) for name in saved.keys()}  # noqa: SIM118
-        saved = recipe(model, tensors)
-        saved["integrity"] = _integrity(saved)
-        written[1].write_text(json.dumps(saved, indent=2))
+        # the table describes what save_model wrote (it keeps one name of each group of tied tensors)
+        described = recipe(model, load_file(str(written[0])))
+        described["integrity"] = _integrity(described)
+        written[1].write_text(json.dumps(described, indent=2))
     except BaseException:
         for path in written:
             path.unlink(missing_ok=True)
@@ -278,17 +277,16 @@ def load_compressed(model: nn.Module, folder: str | Path) -> nn.Module:
         _check_module(path, plan[path])
     _check_fit(model, plan, tensors)
     # nothing has changed so far; from here on only checked values are installed
-    originals = []
+    originals: list[tuple[str, nn.Module]] = []
     try:
         for path, module in plan.items():
-            parent_path, _, name = path.rpartition(".")
-            parent = model.get_submodule(parent_path)
-            originals.append((parent, name, getattr(parent, name)))
-            setattr(parent, name, module)
-        load_model(model, str(folder / WEIGHTS_FILE), strict=True)
+            originals.append((path, set_submodule(model, path, module)))
+        # the tensors read and verified above: the file is not read a second time.  Names absent
+        # from them are the tied duplicates save_model dropped (_check_fit checked this).
+        model.load_state_dict(tensors, strict=False)
     except BaseException:
-        for parent, name, original in reversed(originals):
-            setattr(parent, name, original)
+        for path, original in reversed(originals):
+            set_submodule(model, path, original)
         raise
     setattr(model, REPORT_ATTRIBUTE, report)
     return model

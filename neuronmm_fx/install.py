@@ -243,7 +243,8 @@ def verify(installations: list[Installation], model: nn.Module, example_args, ex
 # --- committing --------------------------------------------------------------------------------------
 
 
-def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> nn.Module:
+def set_submodule(model: nn.Module, path: str, module: nn.Module) -> nn.Module:
+    """Put ``module`` at ``path`` in ``model``; return the module that was there."""
     parent_path, _, name = path.rpartition(".")
     parent = model.get_submodule(parent_path)
     old = getattr(parent, name)
@@ -312,11 +313,11 @@ def commit(model: nn.Module, installations: list[Installation]) -> tuple[nn.Modu
 
     def restore() -> None:
         for path, old in reversed(undo):
-            _set_submodule(model, path, old)
+            set_submodule(model, path, old)
 
     try:
         for path in sorted(replacements, key=lambda p: p.count("."), reverse=True):
-            undo.append((path, _set_submodule(model, path, replacements[path])))
+            undo.append((path, set_submodule(model, path, replacements[path])))
     except BaseException:
         restore()
         raise

@@ -80,7 +80,7 @@ def test_a_model_with_nothing_to_compress_says_why():
 def test_a_failure_while_installing_rolls_everything_back(monkeypatch):
     model = tiny_model("llama")
     state, types = _snapshot(model)
-    real_set = install._set_submodule
+    real_set = install.set_submodule
     calls = []
 
     def failing_set(root, path, module):
@@ -89,7 +89,7 @@ def test_a_failure_while_installing_rolls_everything_back(monkeypatch):
             raise RuntimeError("simulated failure")
         return real_set(root, path, module)
 
-    monkeypatch.setattr(install, "_set_submodule", failing_set)
+    monkeypatch.setattr(install, "set_submodule", failing_set)
     with pytest.raises(RuntimeError, match="simulated failure"):
         neuronmm_fx.optimize(model, ratio=0.2, block=8)
     assert_unchanged(model, state, types)
