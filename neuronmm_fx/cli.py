@@ -118,20 +118,7 @@ def _optimize(model, args, tokenizer=None) -> torch.nn.Module:
         else None
     )
     optimized = neuronmm_fx.optimize(
-        model,
-        ratio=args.ratio,
-        block=args.block,
-        method=args.method,
-        allocation=args.allocation,
-        sequential=args.sequential,
-        calibration=calibration,
-        tokenizer=tokenizer,
-        calibration_tokens=args.calibration_tokens,
-        finetune=finetune,
-        include=tuple(args.include),
-        exclude=tuple(args.exclude),
-        dump_dir=args.dump_dir,
-        progress=not args.quiet,
+        model, _config(args), calibration=calibration, tokenizer=tokenizer, finetune=finetune
     )
     report = neuronmm_fx.report_of(optimized)
     print(report)
@@ -195,9 +182,9 @@ def run_demo(args) -> None:
         print("(plain truncated SVD ruins small models; the default method whitens, see the README)")
 
 
-def _check_args(args) -> None:
-    """Refuse bad options and unusable paths before anything is loaded (``ConfigError``)."""
-    neuronmm_fx.OptimizeConfig(
+def _config(args) -> neuronmm_fx.OptimizeConfig:
+    """The options as the ``OptimizeConfig`` ``optimize()`` runs with (validated: ``ConfigError``)."""
+    return neuronmm_fx.OptimizeConfig(
         ratio=args.ratio,
         block=args.block,
         method=args.method,
@@ -207,7 +194,13 @@ def _check_args(args) -> None:
         include=tuple(args.include),
         exclude=tuple(args.exclude),
         dump_dir=args.dump_dir,
+        progress=not args.quiet,
     )
+
+
+def _check_args(args) -> None:
+    """Refuse bad options and unusable paths before anything is loaded (``ConfigError``)."""
+    _config(args)
     if args.finetune_steps < 0:
         raise ConfigError(f"--finetune-steps must be 0 or more, got {args.finetune_steps}")
     if args.calibration_text is not None and not args.calibration_text.is_file():
