@@ -8,11 +8,24 @@ from torch import nn
 HIDDEN, INTERMEDIATE, LAYERS, VOCAB = 64, 128, 2, 100
 
 
+def _decoder(**overrides) -> dict:
+    """The tiny decoders' config fields, with ``overrides`` (e.g. ``num_hidden_layers=3``)."""
+    fields = dict(
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_key_value_heads=2,
+    )
+    return {**fields, **overrides}
+
+
 def _tiny_configs():
     import transformers as T
 
     common = dict(num_hidden_layers=LAYERS, num_attention_heads=4, vocab_size=VOCAB)
-    decoder = dict(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_key_value_heads=2, **common)
+    decoder = _decoder()
     return {
         "llama": (T.LlamaForCausalLM, T.LlamaConfig(**decoder)),
         "qwen3": (T.Qwen3ForCausalLM, T.Qwen3Config(head_dim=16, **decoder)),
@@ -60,6 +73,14 @@ EXPECTED = {  # pattern and activation each architecture's MLP must be recognise
     "opt": ("plain_mlp", "relu"),
     "bert": ("plain_mlp", "gelu"),
 }
+
+
+def tiny_llama(seed: int = 0, **overrides) -> nn.Module:
+    """``tiny_model("llama")`` with some config fields changed (another depth, vocabulary, width)."""
+    import transformers as T
+
+    torch.manual_seed(seed)
+    return T.LlamaForCausalLM(T.LlamaConfig(**_decoder(**overrides))).eval()
 
 
 def tiny_model(name: str, seed: int = 0) -> nn.Module:

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import LAYERS, make_low_rank_, model_output, tiny_model, token_ids
+from helpers import LAYERS, make_low_rank_, model_output, tiny_llama, tiny_model, token_ids
 from torch import nn
 
 import neuronmm_fx
@@ -272,18 +272,7 @@ def test_a_mismatched_checkpoint_is_refused_and_the_model_untouched(tmp_path):
     ):
         load_compressed(tiny_model("qwen3"), tmp_path)
 
-    import transformers as T
-
-    wider = T.LlamaForCausalLM(
-        T.LlamaConfig(
-            hidden_size=64,
-            intermediate_size=160,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=100,
-        )
-    )
+    wider = tiny_llama(intermediate_size=160)
     types = [type(m) for m in wider.modules()]
     with pytest.raises(
         CheckpointError, match=r"mlp.gate_proj.weight is \(160, 64\) in this model but .* 64×128"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_model, token_ids
+from helpers import tiny_llama, tiny_model, token_ids
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
@@ -152,26 +152,6 @@ def _shared_mlp() -> nn.Module:
 def _optimized() -> nn.Module:
     torch.manual_seed(0)
     return neuronmm_fx.optimize(llama(), ratio=0.3, **SVD)
-
-
-def _llama_variant(layers: int = 2, vocab: int = 100) -> Callable[[], nn.Module]:
-    """A tiny LLaMA like ``llama()`` but with another depth or vocabulary."""
-
-    def make() -> nn.Module:
-        import transformers as T
-
-        config = T.LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=vocab,
-        )
-        torch.manual_seed(0)
-        return T.LlamaForCausalLM(config).eval()
-
-    return make
 
 
 def _truncate(folder: Path) -> None:
@@ -413,13 +393,13 @@ CASES: list[Case] = [
         "a checkpoint of a 2-layer model onto a 3-layer one",
         "tensors do not fit this model",
         lambda f: None,
-        model=_llama_variant(layers=3),
+        model=lambda: tiny_llama(num_hidden_layers=3),
     ),
     load_case(
         "another vocabulary size",
         r"\(100, 64\) in the checkpoint but this model expects torch.float32 \(120, 64\)",
         lambda f: None,
-        model=_llama_variant(vocab=120),
+        model=lambda: tiny_llama(vocab_size=120),
     ),
     load_case(
         "another model class",
