@@ -1,19 +1,29 @@
 """Prefill and per-token decode latency of SmolLM2-135M, dense and compressed, eager and compiled.
 
-Four variants, measured in the same run on the same prompt (ratios against dense eager):
+Variants, all measured in one process and timed alternately (repeat after repeat, the order rotated),
+so that paired ratios cancel this machine's drift:
 
-* dense eager                    the model as loaded
-* dense, torch.compile inductor  ``torch.compile(model)``
-* compressed eager               ``neuronmm_fx.optimize(model, ratio)``: every MLP is a ``neuronmm::svd_mlp``
-* compressed, backend neuronmm   ``torch.compile(compressed, backend="neuronmm")`` (Inductor downstream)
+* dense eager, and dense ``torch.compile`` (Inductor): the baseline every ratio is taken against;
+* per ratio, ``neuronmm_fx.optimize(model, ratio)`` (the default call: global allocation over
+  self-written calibration text; one :func:`neuronmm_fx.calibrate` is shared by the ratios) run
+  eagerly, and ``torch.compile(compressed, backend="neuronmm")`` (Inductor downstream; off Trainium
+  the backend writes the ops out as ATen so that Inductor fuses around them).
+
+Each variant's figure is the median over ``--repeats`` runs after a warm-up (which compiles); "vs
+compiled dense" is the median of the per-repeat ratios, with their range.  The ideals a compressed
+model could reach against the same model dense:
+
+* prefill: the FLOP ideal, whole-model matmul FLOPs of the prompt (projections, attention scores
+  and values, LM head) dense over compressed;
+* decode: the weight-bytes ideal, bytes of matmul weights read per decoded token dense over
+  compressed.
 
 Decoding uses a ``StaticCache`` so that every decode step has the same shapes: each compiled variant
-compiles one prefill graph and one decode graph, both during the warm-up run.  Latencies are medians
-over ``--repeats`` runs after the warm-up.  CPU numbers: the fused kernels are Trainium's business; here
-the ops run their PyTorch implementation, so what shows is the smaller matrices and the compiler.
+compiles one prefill graph and one decode graph.  CPU figures: the fused kernels are Trainium's
+business; here what shows is the smaller matrices and the compiler.
 
-    python benchmarks/latency.py [--ratio 0.2] [--prompt-tokens 64] [--new-tokens 16] [--repeats 3]
-                                 [--threads N]
+    python benchmarks/latency.py [--ratios 0.2 0.5] [--prompt-tokens 64] [--new-tokens 16]
+                                 [--repeats 9] [--threads N]
 """
 
 from __future__ import annotations
@@ -84,33 +94,50 @@ def generate(
     return prefill, decode, torch.cat(tokens, dim=1)
 
 
-def measure(name: str, model: Callable, config, ids, args) -> dict:
-    start = time.perf_counter()
-    _, _, tokens = generate(model, config, ids, args.new_tokens)  # warm-up: compiles, if any
-    warmup = time.perf_counter() - start
-    runs = [generate(model, config, ids, args.new_tokens) for _ in range(args.repeats)]
-    result = {
-        "name": name,
-        "prefill": statistics.median(r[0] for r in runs),
-        "decode": statistics.median(r[1] for r in runs),
-        "warmup": warmup,
-        "tokens": tokens,
-    }
-    print(
-        f"  {name:<38} prefill {result['prefill'] * 1e3:8.1f} ms   decode {result['decode'] * 1e3:7.1f} "
-        f"ms/token   (warm-up incl. compile {warmup:5.1f} s)",
-        flush=True,
-    )
-    return result
+def matmul_weights(model: torch.nn.Module) -> int:
+    """Elements of the weights that a token's forward multiplies by: every linear layer (the LM head
+    included, tied or not) and every factor or dense matrix of a fused module."""
+    from neuronmm_fx.modules import CompressedMLP, LowRankLinear
+
+    total = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            total += module.weight.numel()
+        elif isinstance(module, (CompressedMLP, LowRankLinear)):
+            total += sum(p.numel() for name, p in module.named_parameters() if not name.endswith("bias"))
+    return total
+
+
+def prefill_flops(model: torch.nn.Module, config, tokens: int) -> float:
+    """Matmul FLOPs of a ``tokens``-long causal prefill: 2·tokens·weights, plus attention's scores
+    and weighted values (2 products of 2·heads·head_dim FLOPs per causal query-key pair) per layer."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    pairs = tokens * (tokens + 1) / 2
+    attention = config.num_hidden_layers * 2 * 2 * config.num_attention_heads * head_dim * pairs
+    return 2 * tokens * matmul_weights(model) + attention
+
+
+def timed_runs(variants: dict[str, Callable], config, ids, args) -> dict[str, list[tuple[float, float]]]:
+    """Warm every variant up, then time them alternately: ``repeats`` rounds, the order rotated."""
+    names = list(variants)
+    tokens, runs = {}, {name: [] for name in names}
+    for name in names:
+        start = time.perf_counter()
+        tokens[name] = generate(variants[name], config, ids, args.new_tokens)[2]
+        print(f"  warm-up {name:<34} {time.perf_counter() - start:6.1f} s (compiles, if any)", flush=True)
+    for round_ in range(args.repeats):
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+            prefill, decode, _ = generate(variants[name], config, ids, args.new_tokens)
+            runs[name].append((prefill, decode))
+    return runs, tokens
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ratio", type=float, default=0.2)
-    parser.add_argument("--block", type=int, default=128)
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.5])
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:
@@ -118,53 +145,65 @@ def main() -> None:
 
     began = time.perf_counter()
     model, tokenizer = load()
-    ids = tokenizer(PROMPT, return_tensors="pt").input_ids[:, : args.prompt_tokens]
+    ids = tokenizer(PROMPT * 4, return_tensors="pt").input_ids[:, : args.prompt_tokens]
     config = model.config
     print(
         f"SmolLM2-135M, {torch.get_num_threads()} threads, prompt {ids.shape[1]} tokens, "
-        f"{args.new_tokens} new tokens, ratio {args.ratio}, block {args.block} (loaded in "
+        f"{args.new_tokens} new tokens, {args.repeats} paired repeats (loaded in "
         f"{time.perf_counter() - began:.0f} s)",
         flush=True,
     )
-
-    start = time.perf_counter()
-    compressed = neuronmm_fx.optimize(copy.deepcopy(model), ratio=args.ratio, block=args.block, method="svd")
-    report = neuronmm_fx.report_of(compressed)
-    print(
-        f"optimize(method='svd'): {report.count('gated_mlp')} MLPs fused, parameters "
-        f"{report.model_params_before:,} -> {report.model_params_after:,} "
-        f"({time.perf_counter() - start:.1f} s)",
-        flush=True,
-    )
-
-    results = [
-        measure("dense eager", model, config, ids, args),
-        measure("dense, compile(inductor)", torch.compile(model), config, ids, args),
-        measure("compressed eager", compressed, config, ids, args),
-    ]
+    variants = {"dense eager": model, "dense compiled": torch.compile(model)}
+    ideals = {}
+    calibration = neuronmm_fx.calibrate(model)
     backend.clear_records()
-    results.append(
-        measure(
-            "compressed, compile(backend=neuronmm)",
-            torch.compile(compressed, backend="neuronmm"),
-            config,
-            ids,
-            args,
-        )
-    )
-    fused = sum(r.count("svd_mlp") for r in backend.records())
-    print(f"neuronmm backend: {len(backend.records())} graph(s), {fused} neuronmm::svd_mlp call(s) in them")
-
-    base = results[0]
-    print("\nvariant                                 prefill ms  vs dense   decode ms/tok  vs dense")
-    for r in results:
+    for ratio in args.ratios:
+        start = time.perf_counter()
+        compressed = neuronmm_fx.optimize(copy.deepcopy(model), ratio=ratio, calibration=calibration)
+        report = neuronmm_fx.report_of(compressed)
         print(
-            f"{r['name']:<38} {r['prefill'] * 1e3:10.1f}  {base['prefill'] / r['prefill']:7.2f}x "
-            f"{r['decode'] * 1e3:13.1f}  {base['decode'] / r['decode']:7.2f}x"
+            f"optimize(model, ratio={ratio}): {len(report.sites)} MLPs fused, parameters "
+            f"{report.model_params_before:,} -> {report.model_params_after:,} "
+            f"({time.perf_counter() - start:.1f} s)",
+            flush=True,
         )
-    same = [torch.equal(r["tokens"], results[0]["tokens"]) for r in results]
-    agree = torch.equal(results[2]["tokens"], results[3]["tokens"])
-    print(f"\ngreedy tokens equal to dense eager: {same}; compressed eager == compressed compiled: {agree}")
+        variants[f"{ratio} eager"] = compressed
+        variants[f"{ratio} compiled"] = torch.compile(compressed, backend="neuronmm")
+        ideals[ratio] = (
+            prefill_flops(model, config, ids.shape[1]) / prefill_flops(compressed, config, ids.shape[1]),
+            matmul_weights(model) / matmul_weights(compressed),
+        )
+    runs, tokens = timed_runs(variants, config, ids, args)
+    forms = {r.form for r in backend.records() if r.op_counts}
+    fused = sum(r.count("svd_mlp") for r in backend.records())
+    print(f"neuronmm backend: {len(backend.records())} graph(s), {fused} svd_mlp site(s), handed on {forms}")
+
+    base = runs["dense compiled"]
+
+    def paired(name: str, which: int) -> tuple[float, float, float]:
+        ratios = sorted(b[which] / r[which] for b, r in zip(base, runs[name], strict=True))
+        return statistics.median(ratios), ratios[0], ratios[-1]
+
+    print(
+        "\n| variant | prefill ms | × compiled dense (range) | FLOP ideal | of ideal "
+        "| decode ms/token | × compiled dense (range) | bytes ideal | of ideal |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, measured in runs.items():
+        prefill = statistics.median(r[0] for r in measured) * 1e3
+        decode = statistics.median(r[1] for r in measured) * 1e3
+        p_mid, p_low, p_high = paired(name, 0)
+        d_mid, d_low, d_high = paired(name, 1)
+        ratio = float(name.split()[0]) if name[0].isdigit() else None
+        flop_ideal, byte_ideal = ideals.get(ratio, (1.0, 1.0))
+        print(
+            f"| {name} | {prefill:.1f} | {p_mid:.2f} ({p_low:.2f}–{p_high:.2f}) | {flop_ideal:.2f} "
+            f"| {p_mid / flop_ideal:.2f} | {decode:.1f} | {d_mid:.2f} ({d_low:.2f}–{d_high:.2f}) "
+            f"| {byte_ideal:.2f} | {d_mid / byte_ideal:.2f} |"
+        )
+    for ratio in args.ratios:
+        same = torch.equal(tokens[f"{ratio} eager"], tokens[f"{ratio} compiled"])
+        print(f"ratio {ratio}: compressed eager and compressed compiled greedy tokens equal: {same}")
     print(f"total {time.perf_counter() - began:.0f} s")
 
 

@@ -191,8 +191,10 @@ def optimize(
     )
     graph_module, raw, sites = _capture_and_match(model, example_args, example_kwargs, config, report)
     chosen = _select(sites, config, report)
+    # fine-tuning writes the dense weights it trains: they must not share the replaced layers' storage,
+    # which an undo after fine-tuning puts back
     strategy, fused_sites, method_reasons = _compress_and_fuse(
-        model, chosen, config, calibration, tokenizer, report
+        model, chosen, config, calibration, tokenizer, report, copy_dense=finetune is not None
     )
     installations = _plan_installations(
         model, graph_module, fused_sites, config, example_args, example_kwargs, report
@@ -306,8 +308,9 @@ def _select(sites: list[Site], config: OptimizeConfig, report: OptimizeReport) -
     return chosen
 
 
-def _compress_and_fuse(model, sites, config, calibration, tokenizer, report):
-    """strategy (method, calibration, ranks) → compress → fuse, for every chosen site."""
+def _compress_and_fuse(model, sites, config, calibration, tokenizer, report, copy_dense: bool):
+    """strategy (method, calibration, ranks) → compress → fuse, for every chosen site.  A projection
+    kept dense shares its layer's weight unless ``copy_dense``."""
     strategy = plan(model, sites, config, calibration, tokenizer)
     report.calibration = strategy.calibration_note
     fused_sites: list[FusedSite] = []
@@ -320,7 +323,7 @@ def _compress_and_fuse(model, sites, config, calibration, tokenizer, report):
         disable=not config.progress,
     )
     for site, site_plan in progress:
-        compressed = compress_site(site, site_plan.decisions, site_plan.factorizers)
+        compressed = compress_site(site, site_plan.decisions, site_plan.factorizers, materialize=copy_dense)
         why = all_dense(compressed)
         if why is not None:
             report.skipped.append(SkippedSite(site.path, site.pattern, why))

@@ -8,8 +8,10 @@ The backend is registered through the ``torch_dynamo_backends`` entry-point grou
 
 On every graph Dynamo hands over, it runs the same passes as :func:`neuronmm_fx.optimize`
 (:mod:`~neuronmm_fx.frontends.dynamo` capture → canonicalize → match → plan and compress → fuse) and
-then, instead of installing modules, decanonicalizes what stayed dense and hands the graph to the
-downstream compiler:
+then, instead of installing modules, decanonicalizes what stayed dense, writes the ``neuronmm`` ops
+out as ATen where no kernel implements them (:mod:`~neuronmm_fx.passes.lower`: CPU and GPU, so
+that Inductor fuses around them; on Neuron and under the NKI stand-in they stay whole) and hands
+the graph to the downstream compiler:
 
 * ``neuronmm`` ops already in the graph (a model from ``optimize()``) are counted and kept;
 * low-rank chains, ``Linear(K→r, no bias) → Linear(r→N)`` with ``r`` below break-even (SVD-LLM's
@@ -57,10 +59,12 @@ from neuronmm_fx.config import OptimizeConfig
 from neuronmm_fx.debug import dump
 from neuronmm_fx.errors import ConfigError
 from neuronmm_fx.frontends import dynamo
+from neuronmm_fx.kernels import dispatch
 from neuronmm_fx.passes.canonicalize import Canonicalize, may_mutate
 from neuronmm_fx.passes.decanonicalize import Decanonicalize
 from neuronmm_fx.passes.fuse import Fuse, OperandSource
 from neuronmm_fx.passes.ir import neuronmm_op, neuronmm_ops
+from neuronmm_fx.passes.lower import Lower
 from neuronmm_fx.passes.match import Match, Projection, Site
 from neuronmm_fx.report import GraphRecord, SiteReport, SkippedSite, matrix_report
 
@@ -221,6 +225,21 @@ class DynamoOperands(OperandSource):
 # --- the rewrite -------------------------------------------------------------------------------------
 
 
+def op_form(compiler: str, example_inputs: Sequence) -> tuple[str, str]:
+    """Whether the ``neuronmm`` ops go downstream whole ("opaque") or written out as ATen
+    ("decomposed", :mod:`~neuronmm_fx.passes.lower`), and why: whole only where a kernel implements
+    them."""
+    if compiler == "neuron":
+        return "opaque", "the Neuron compiler receives the ops whole: the NKI kernels implement them"
+    if dispatch.active_mode() == "standin":
+        return "opaque", "the NKI stand-in kernels are active: the ops stay whole so that they call them"
+    devices = sorted({t.device.type for t in example_inputs if isinstance(t, torch.Tensor)}) or ["cpu"]
+    return "decomposed", (
+        f"no kernel implements the neuronmm ops on {'/'.join(devices)}: written out as ATen so that "
+        f"{compiler} fuses activation, product, biases and casts around the matmuls"
+    )
+
+
 def _check_freezable(site: Site, compressed: dict[str, CompressedProjection]) -> None:
     for role, result in compressed.items():
         if result.method in ("dense", "existing"):
@@ -311,9 +330,7 @@ def rewrite_graph(
     graph.lint()
     record.op_counts = neuronmm_ops(graph)
     record.frozen_inputs = len(operands.extra)
-    record.after = dump.to_text(
-        dump.snapshot(graph), f"graph {record.index:03d}: handed to {options.compiler}"
-    )
+    record.after = dump.to_text(dump.snapshot(graph), f"graph {record.index:03d}: after the rewrite")
     return record, operands.extra, operands.watched
 
 
@@ -367,11 +384,19 @@ def neuronmm_backend(
     gm = dynamo.prepare(gm)  # a copy: Dynamo keeps reading its own graph after the backend returns
     before = dump.snapshot(gm.graph) if opts.dump_dir is not None else None
     record, extra, watched = rewrite_graph(gm, example_inputs, opts)
+    rewritten = dump.snapshot(gm.graph) if opts.dump_dir is not None else None
+    record.form, record.form_reason = op_form(opts.compiler, example_inputs)
+    record.handed = record.after
+    if record.op_counts and record.form == "decomposed":
+        Lower()(gm)
+        record.handed = dump.to_text(
+            dump.snapshot(gm.graph), f"graph {record.index:03d}: handed to {opts.compiler}, ops written out"
+        )
     _RECORDS.append(record)
     del _RECORDS[:-MAX_RECORDS]
     log.info("%s", record.summary())
     if opts.dump_dir is not None:
         opts.dump_dir.mkdir(parents=True, exist_ok=True)
-        dump.write_compiled(opts.dump_dir, record, before, gm)
+        dump.write_compiled(opts.dump_dir, record, before, rewritten, gm)
     compiled = _downstream(opts, mode)(gm, [*example_inputs, *extra])
     return _frozen(compiled, extra, watched) if extra else compiled

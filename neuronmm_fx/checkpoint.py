@@ -123,7 +123,7 @@ def save_compressed(model: nn.Module, folder: str | Path, *, overwrite: bool = F
     folder.mkdir(parents=True, exist_ok=True)
     written = [folder / WEIGHTS_FILE, folder / RECIPE_FILE]
     try:
-        save_model(model, str(written[0]))
+        save_model(model, str(written[0]), force_contiguous=True)  # dense weights may be transposed views
         # the table describes what save_model wrote (it keeps one name of each group of tied tensors)
         described = recipe(model, load_file(str(written[0])))
         described["integrity"] = _integrity(described)

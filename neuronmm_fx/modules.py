@@ -47,7 +47,9 @@ class Factors:
 
 
 def _param(t: torch.Tensor | None) -> nn.Parameter | None:
-    return None if t is None else nn.Parameter(t.detach().contiguous())
+    """A parameter over ``t``'s storage: a dense weight kept as the transposed view of the replaced
+    layer's weight costs no copy (the layer it came from leaves the model when the rewrite commits)."""
+    return None if t is None else nn.Parameter(t.detach())
 
 
 class LowRankLinear(nn.Module):

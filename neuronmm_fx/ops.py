@@ -89,8 +89,11 @@ def _project(
 def xuv_reference(
     x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """PyTorch semantics of ``neuronmm::xuv``: float32 accumulation, result in ``x.dtype``."""
-    return _project(x.float(), u, v, bias).to(x.dtype)
+    """PyTorch semantics of ``neuronmm::xuv``: float32 accumulation, result in ``x.dtype``.
+
+    Written with tensor methods only, so that it also traces on ``torch.fx`` proxies
+    (:mod:`neuronmm_fx.passes.lower` inlines it into graphs)."""
+    return _project(x.float(), u, v, bias).type_as(x)
 
 
 def svd_mlp_reference(
@@ -106,12 +109,13 @@ def svd_mlp_reference(
     down_bias: torch.Tensor | None,
     activation: str,
 ) -> torch.Tensor:
-    """PyTorch semantics of ``neuronmm::svd_mlp``: float32 accumulation, result in ``x.dtype``."""
+    """PyTorch semantics of ``neuronmm::svd_mlp``: float32 accumulation, result in ``x.dtype`` (traces
+    on ``torch.fx`` proxies too, as :func:`xuv_reference`)."""
     x32 = x.float()
     hidden = apply_activation(activation, _project(x32, act_u, act_v, act_bias))  # (..., I)
     if up_u is not None:
         hidden = hidden * _project(x32, up_u, up_v, up_bias)
-    return _project(hidden, down_u, down_v, down_bias).to(x.dtype)
+    return _project(hidden, down_u, down_v, down_bias).type_as(x)
 
 
 def _xuv_out_features(x, u, v, bias) -> int:

@@ -184,11 +184,14 @@ class GraphRecord:
     skipped: list[SkippedSite] = field(default_factory=list)
     existing: Counter = field(default_factory=Counter)  # neuronmm ops already in the graph
     dense_linears: list[str] = field(default_factory=list)  # linear layers left as they were
-    op_counts: Counter = field(default_factory=Counter)  # neuronmm ops in the graph handed downstream
+    op_counts: Counter = field(default_factory=Counter)  # neuronmm ops in the graph after the rewrite
+    form: str = "opaque"  # how they were handed downstream: "opaque" (whole ops) or "decomposed" (ATen)
+    form_reason: str = ""
     frozen_inputs: int = 0  # factors computed at compile time and passed as extra inputs (ratio=)
     factorization: str = ""  # how dense matrices were factored (said once per graph)
     before: str = ""
-    after: str = ""
+    after: str = ""  # the graph after the rewrite, neuronmm ops whole
+    handed: str = ""  # the graph handed downstream (``after``, or with the ops written out as ATen)
 
     def count(self, op: str) -> int:
         """``neuronmm`` ops of kind ``op`` ("xuv", "svd_mlp" or the qualified name) after the rewrite."""
@@ -198,6 +201,8 @@ class GraphRecord:
         head = f"graph {self.index:03d} [{self.compile_id}] -> {self.compiler}: "
         ops_after = ", ".join(f"{n} x{c}" for n, c in sorted(self.op_counts.items())) or "no neuronmm op"
         lines = [head + ops_after]
+        if self.op_counts:
+            lines.append(f"  handed on {self.form}: {self.form_reason}")
         if self.existing:
             found = ", ".join(f"{n} x{c}" for n, c in sorted(self.existing.items()))
             lines.append(f"  already in the graph: {found}")

@@ -330,3 +330,101 @@ def test_fisher_weighted_factors_lose_less_where_the_loss_is_sensitive():
     u, v = split_factors(*whitened_svd(identity, weight, weights), 16, torch.float64)
     torch.testing.assert_close(u @ v, weight)
     assert fisher_weights(torch.zeros(16)) is None and fisher_weights(None) is None
+
+
+# --- memory: no copies of what stays dense, one layer's KV cache ----------------------------------
+
+
+class _Wrapped(nn.Module):
+    """A plain MLP whose second projection (64 → 4) is too narrow to factor at block 4."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.mlp = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 4))
+
+    def forward(self, x):
+        return self.mlp(x)
+
+
+@pytest.mark.parametrize("tuned", [False, True])
+def test_a_projection_left_dense_shares_its_weight_unless_fine_tuning_may_write_it(tuned, monkeypatch):
+    from neuronmm_fx import api
+
+    model = _Wrapped()
+    weight, bias = model.mlp[2].weight, model.mlp[2].bias
+    inputs = torch.randn(8, 16)
+    reference = model(inputs)
+    if tuned:  # fine-tuning needs a language model; only its effect on copying is under test here
+        monkeypatch.setattr(api, "can_generate", lambda m: True)
+        monkeypatch.setattr(api, "_finetune", lambda *args: {})
+        monkeypatch.setattr(api, "_finetune_data", lambda *args: None)
+    finetune = neuronmm_fx.FinetuneConfig(steps=1) if tuned else None
+    optimized = neuronmm_fx.optimize(
+        model,
+        ratio=0.2,
+        block=4,
+        method="svd",
+        allocation="uniform",
+        example_inputs=(inputs,),
+        finetune=finetune,
+    )
+    fused = optimized.mlp
+    assert fused.in_v is not None and fused.out_v is None  # the first projection factored, the second dense
+    shares = fused.out_u.data_ptr() == weight.data_ptr() and fused.out_bias.data_ptr() == bias.data_ptr()
+    assert shares is not tuned
+    torch.testing.assert_close(fused.out_u, weight.detach().t())
+    torch.testing.assert_close(optimized(inputs), reference, rtol=0.5, atol=0.5)
+
+
+def test_calibration_text_is_sampled_in_batches_whose_kv_cache_fits_the_budget(monkeypatch):
+    from neuronmm_fx.compress import calibration as calib
+
+    model = tiny_model("llama")
+    per_sequence = calib.kv_bytes_per_sequence(model, 64, torch.bfloat16)
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    assert per_sequence == 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 64 * 2
+    assert calib.generation_batch(model, 64, torch.bfloat16) == calib.GENERATION_BATCH
+    monkeypatch.setattr(calib, "GENERATION_KV_BUDGET", 3 * per_sequence + 1)
+    assert calib.generation_batch(model, 64, torch.bfloat16) == 3
+    widths = []
+    real = calib._sample_sequences
+    monkeypatch.setattr(
+        calib, "_sample_sequences", lambda m, start, *a: widths.append(start.shape[0]) or real(m, start, *a)
+    )
+    calib.self_generated(model, 10, 64)
+    assert widths == [3, 3, 3, 1]
+
+
+def test_replaying_what_ran_before_the_mlp_gives_the_factors_of_rerunning_the_whole_block(monkeypatch):
+    from neuronmm_fx.compress import sequential
+
+    calibration = [token_ids(batch=2, length=32, seed=s) for s in range(4)]
+    results, attention_calls = {}, {}
+    for replay in (True, False):
+        if not replay:
+            monkeypatch.setattr(sequential, "container_of", lambda jobs: "")
+        model = tiny_model("llama")
+        calls = {"n": 0}
+        for layer in model.model.layers:  # q_proj runs only when attention is computed, not replayed
+            layer.self_attn.q_proj.register_forward_pre_hook(
+                lambda *args, calls=calls: calls.__setitem__("n", calls["n"] + 1)
+            )
+        optimized = neuronmm_fx.optimize(
+            model,
+            ratio=0.3,
+            block=8,
+            allocation="uniform",
+            calibration=calibration,
+            calibration_dtype="float32",
+        )
+        results[replay] = {k: v.detach().clone() for k, v in optimized.state_dict().items()}
+        attention_calls[replay] = calls["n"]
+    assert results[True].keys() == results[False].keys()
+    for name, value in results[True].items():
+        torch.testing.assert_close(value, results[False][name], rtol=1e-5, atol=1e-6, msg=name)
+    # attention no longer runs for the pass over the compressed intermediate (every block) nor for
+    # the compressed block's outputs (every block but the last); the 256 tokens are one batch
+    layers = len(model.model.layers)
+    assert attention_calls[False] - attention_calls[True] == 2 * layers - 1

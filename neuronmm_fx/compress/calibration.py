@@ -28,13 +28,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from neuronmm_fx.compress.layerwise import release_free_memory
 from neuronmm_fx.errors import ConfigError
 
 DEFAULT_SELF_SEQUENCES = 128  # sampled sequences a causal LM writes for itself ...
 DEFAULT_SELF_LENGTH = 64  # ... of this many tokens (8,192 in all: enough for 1536-wide Grams)
 SELF_TEMPERATURE = 1.0  # the model's own distribution ...
 SELF_TOP_P = 0.95  # ... without its least likely tail
-GENERATION_BATCH = 128  # sequences sampled together (decoding is efficient only for wide batches)
+GENERATION_BATCH = 128  # sequences sampled together at most (decoding is efficient only for wide batches)
+GENERATION_KV_BUDGET = 192 << 20  # ... and fewer where their KV cache would pass this many bytes, so the
+#   sampling's memory does not grow with depth (SmolLM2: 1.5 MiB per 64-token sequence in bf16, 128 fit)
 DEDUP_PREFIX = 8  # sequences whose first generated tokens repeat an earlier one's are dropped
 MIN_DISTINCT_SHARE = 0.25  # and so are degenerate ones with fewer distinct tokens than this share
 PACKED_LENGTH = 512  # kept sequences are packed end to end into rows of this many tokens, so that
@@ -177,6 +180,30 @@ def forward_precision(model: nn.Module, dtype: torch.dtype):
     return torch.autocast(parameter.device.type, dtype=dtype, cache_enabled=False)
 
 
+def kv_bytes_per_sequence(model: nn.Module, length: int, dtype: torch.dtype) -> int:
+    """Bytes of keys and values one sampled sequence of ``length`` tokens holds in the KV cache (the
+    decoder config's layers × key/value heads × head width; 0 where the config does not say)."""
+    config = model.config
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+    width = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    if not all(isinstance(v, int) and v > 0 for v in (layers, heads, width)):
+        return 0
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or width // heads
+    element = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
+    return 2 * layers * kv_heads * head_dim * length * element
+
+
+def generation_batch(model: nn.Module, length: int, dtype: torch.dtype) -> int:
+    """Sequences to sample at once: ``GENERATION_BATCH``, fewer where their KV cache would pass
+    ``GENERATION_KV_BUDGET`` (at least one)."""
+    per_sequence = kv_bytes_per_sequence(model, length, dtype)
+    if per_sequence <= 0:
+        return GENERATION_BATCH
+    return max(1, min(GENERATION_BATCH, GENERATION_KV_BUDGET // per_sequence))
+
+
 def self_generated(
     model: nn.Module,
     sequences: int,
@@ -188,11 +215,12 @@ def self_generated(
     """Text the causal LM samples for itself from its BOS token (or seeded random first tokens), packed.
 
     Sampling follows the model's own distribution (temperature 1) without its least likely tail
-    (top-p 0.95 within the 256 likeliest tokens), ``GENERATION_BATCH`` sequences at a time,
-    deterministic for a seed, with the forward passes in ``dtype`` (autocast; the weight casts are not
-    cached, so no second copy of the model is held).  Near-duplicates (same first ``DEDUP_PREFIX``
-    generated tokens) and degenerate repetitions are dropped; the rest are packed end to end
-    (:func:`pack`) into rows of up to ``PACKED_LENGTH`` tokens.  Returns the batches and how many
+    (top-p 0.95 within the 256 likeliest tokens), as many sequences at a time as
+    :func:`generation_batch` allows, deterministic for a seed, with the forward passes in ``dtype``
+    (autocast; the weight casts are not cached, so no second copy of the model is held).
+    Near-duplicates (same first ``DEDUP_PREFIX`` generated tokens) and degenerate repetitions are
+    dropped; the rest are packed end to end (:func:`pack`) into rows of up to ``PACKED_LENGTH``
+    tokens.  Returns the batches and how many
     sequences were dropped.
     """
     config = model.config
@@ -202,9 +230,11 @@ def self_generated(
     kept: list[torch.Tensor] = []
     seen: set[tuple[int, ...]] = set()
     dropped = 0
-    chunks = range(0, sequences, GENERATION_BATCH)
+    parameter_dtype = next(model.parameters()).dtype  # the KV cache's, unless autocast narrows it
+    width = generation_batch(model, length, dtype if parameter_dtype == torch.float32 else parameter_dtype)
+    chunks = range(0, sequences, width)
     for first in tqdm(chunks, desc="write calibration text", unit="batch", disable=not progress):
-        count = min(GENERATION_BATCH, sequences - first)
+        count = min(width, sequences - first)
         if isinstance(bos, int) and 0 <= bos < config.vocab_size:
             start = torch.full((count, 1), bos, dtype=torch.long, device=device)
         else:
@@ -218,6 +248,7 @@ def self_generated(
                 continue
             seen.add(prefix)
             kept.append(row)
+        release_free_memory()  # the KV cache's freed pages go back before the next batch or step
     if not kept:
         raise RuntimeError("every self-generated sequence was a duplicate or degenerate")
     return pack(torch.stack(kept), min(PACKED_LENGTH, max_positions(model) or PACKED_LENGTH)), dropped

@@ -36,7 +36,7 @@ FISHER_MICROBATCH_TOKENS = 512  # tokens per backward pass (longer rows are cut 
 #   activations kept for autograd.  On SmolLM2, 512-token pieces cost 0.9 GiB more peak memory than
 #   128-token pieces, but the Fisher of 128-token contexts allocated worse: 2.26×/2.54× dense
 #   perplexity (WikiText/Python text) against 2.03×/2.15× at ratio 0.2.  Quality wins.
-HEAD_CHUNK_TOKENS = 128  # positions whose logits exist at once (a 512-token piece's logits alone are
+HEAD_CHUNK_TOKENS = 64  # positions whose logits exist at once (a 512-token piece's logits alone are
 #   96 MiB in float32 for a 49k vocabulary; softmax and gradient triple that)
 
 
@@ -61,8 +61,22 @@ def _plain_head(model: nn.Module) -> nn.Linear | None:
     return head
 
 
+class _Head:
+    """A plain output projection with its weight cast once to the pass's dtype (instead of once per
+    chunk, as autocast would: 56 MiB of bf16 copy per chunk for SmolLM2's 49k × 576 head)."""
+
+    def __init__(self, module: nn.Linear, dtype: torch.dtype) -> None:
+        self.module = module
+        narrow = module.weight.dtype == torch.float32 and dtype != torch.float32
+        self.weight = module.weight.detach().to(dtype if narrow else module.weight.dtype)
+        self.bias = None if module.bias is None else module.bias.detach().to(self.weight.dtype)
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden.to(self.weight.dtype), self.weight, self.bias)
+
+
 def _next_token_backward(
-    model: nn.Module, head: nn.Linear | None, batch: torch.Tensor, leaf: dict[str, torch.Tensor]
+    model: nn.Module, head: _Head | None, batch: torch.Tensor, leaf: dict[str, torch.Tensor]
 ) -> str:
     """Back-propagate the summed next-token loss of ``batch`` (rows, tokens) to ``leaf["x"]``.
 
@@ -76,7 +90,7 @@ def _next_token_backward(
         captured["h"] = args[0]
         raise layerwise.StopForward
 
-    handle = head.register_forward_pre_hook(stop_at_head) if head is not None else None
+    handle = head.module.register_forward_pre_hook(stop_at_head) if head is not None else None
     try:
         out = model(batch, use_cache=False)
     except layerwise.StopForward:
@@ -136,8 +150,10 @@ def output_fisher(
 
     def watch(key):
         def accumulate(grad: torch.Tensor) -> None:
-            grad = grad.detach().reshape(-1, grad.shape[-1]).double()
-            sums[key] = sums[key] + grad.square().sum(0) if key in sums else grad.square().sum(0)
+            grad = grad.detach().reshape(-1, grad.shape[-1])  # (tokens, out)
+            # Σ over tokens of grad², reduced in float32 without a full-size float copy of the gradient
+            squares = torch.linalg.vector_norm(grad, dim=0, dtype=torch.float32).double().square()
+            sums[key] = sums[key] + squares if key in sums else squares
             counts[key] = counts.get(key, 0) + grad.shape[0]
 
         def hook(module, args, output):
@@ -149,7 +165,8 @@ def output_fisher(
     handles = [embeddings.register_forward_hook(make_leaf)]
     handles += [model.get_submodule(path).register_forward_hook(watch(key)) for key, path in outputs.items()]
     device = next(model.parameters()).device
-    head = _plain_head(model)
+    plain = _plain_head(model)
+    head = _Head(plain, dtype) if plain is not None else None
     checkpointing = layerwise.checkpointed(stack) if stack is not None else contextlib.nullcontext()
     try:
         with torch.enable_grad(), checkpointing, forward_precision(model, dtype):
@@ -177,8 +194,8 @@ def loss_curve(
     instead allocated worse on SmolLM2 at ratio 0.2 (2.02× against 1.87× dense perplexity on the
     Python text, 1.80× against 1.79× on WikiText-2).
     """
-    # float32 is ample for a loss estimate, and three times faster than float64 here
-    _, singular, right_t = svd_by_gram((s_t @ weight_in_out.double()).float())
+    # float32 is ample for a loss estimate, and several times faster than float64 here
+    _, singular, right_t = svd_by_gram(s_t.float() @ weight_in_out.float())
     if fisher is None:
         weights = torch.ones_like(singular)
     else:

@@ -24,8 +24,10 @@ dense hidden states, least squares from compressed to dense inputs, and the down
 dense stream's intermediate).  On SmolLM2-135M at ratio 0.2 it made perplexity worse (2.82× dense
 against 2.03× with the same calibration tokens): chasing upstream drift over-fits the calibration set.
 
-Per block the walk holds one working copy of the block, the Grams of its inputs and the dense
-intermediate of the calibration tokens; memory does not grow with depth.
+Per block the walk holds one working copy of the block, the Grams of its inputs, the dense
+intermediate of the calibration tokens and the arguments of the MLP's own module (e.g. ``mlp``), so
+that the pass over the compressed intermediate runs that module alone instead of the whole block
+with its attention; memory does not grow with depth.
 
 Guarantees: the user's model is not modified; every job's factors have exactly the requested rank
 and the original weight's dtype; the note per matrix says how it was fitted.
@@ -33,6 +35,7 @@ and the original weight's dtype; the note per matrix says how it was fitted.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Hashable
 from dataclasses import dataclass
 
@@ -102,9 +105,25 @@ def _holdout(batches: int) -> set[int]:
     return set(range(batches - 1, -1, -HOLDOUT_SHARE))
 
 
-def _first_stage_grams(work: nn.Module, jobs: list[Job], inputs: list[layerwise.BlockInput], keep: list[Job]):
-    """One pass over the block: Grams of the first-stage inputs, and for each ``keep`` job the dense
-    output ``x·W`` its (dense-weight) input gives, per batch (float32, tokens × out)."""
+def container_of(jobs: list[Job]) -> str:
+    """The deepest submodule (relative to the block) holding every job's module, e.g. ``mlp``; ""
+    when that is the block itself."""
+    common: list[str] = []
+    for names in zip(*(job.path.split(".")[:-1] for job in jobs), strict=False):
+        if len(set(names)) != 1:
+            break
+        common.append(names[0])
+    return ".".join(common)
+
+
+def _first_stage_grams(
+    work: nn.Module, jobs: list[Job], inputs: list[layerwise.BlockInput], keep: list[Job], container: str
+):
+    """One pass over the block: Grams of the first-stage inputs; for each ``keep`` job the dense
+    output ``x·W`` its (dense-weight) input gives, per batch (float32, tokens × out); the arguments
+    ``container`` received per batch (None unless it is a proper submodule called once per batch),
+    so that a later pass can run the container alone; and the outputs of the block's other children
+    that ran before it (:func:`~neuronmm_fx.compress.layerwise.recording`), for the walk's last pass."""
     grams = GramAccumulator()
     stored: dict[int, list[torch.Tensor]] = {id(job): [] for job in keep}
     observers = {}
@@ -116,10 +135,24 @@ def _first_stage_grams(work: nn.Module, jobs: list[Job], inputs: list[layerwise.
         observers[job.path] = lambda i, x, rows=rows, w=weight: rows.append(
             x.reshape(-1, x.shape[-1]).float() @ w
         )
+    calls: list[layerwise.BlockInput] = []
+    handle = None
+    if container:
+        handle = work.get_submodule(container).register_forward_pre_hook(
+            lambda module, args, kwargs: calls.append(layerwise.BlockInput(args, kwargs)), with_kwargs=True
+        )
     # nothing after the last observed module matters here
     last = {job.path for job in keep} or set(observers)
-    layerwise.run_observed(work, inputs, observers, stop_after=last)
-    return grams, stored
+    recorder = layerwise.recording(work, container.split(".")[0]) if container else contextlib.nullcontext()
+    try:
+        with recorder as replay:
+            layerwise.run_observed(work, inputs, observers, stop_after=last)
+    finally:
+        if handle is not None:
+            handle.remove()
+    if not container or len(calls) != len(inputs):
+        return grams, stored, None, None
+    return grams, stored, calls, replay
 
 
 def _output_error(inputs: list[torch.Tensor], targets: list[torch.Tensor], u, v) -> float:
@@ -148,14 +181,19 @@ def compress_layerwise(
     for step in layerwise.walk(model, stack, batches, dtype, last_block, "compress layers", progress):
         block_jobs = [job for job in todo if job.block == step.index]
         if block_jobs:  # compresses the working copy in place: the walk then advances with it
-            _compress_block(step.work, block_jobs, step.inputs, holdout, factors, notes)
+            step.replay = _compress_block(step.work, block_jobs, step.inputs, holdout, factors, notes)
     return factors, notes
 
 
-def _compress_block(work, jobs: list[Job], inputs, holdout: set[int], factors: dict, notes: dict) -> None:
+def _compress_block(work, jobs: list[Job], inputs, holdout: set[int], factors: dict, notes: dict):
+    """Factor one block's jobs into ``factors``/``notes`` and install them in the working copy;
+    returns what the walk may replay when it runs the compressed block (or None)."""
     first = [job for job in jobs if job.first_stage]
     second = [job for job in jobs if not job.first_stage]
-    grams, dense_outputs = _first_stage_grams(work, first, inputs, keep=second)
+    container = container_of(jobs)
+    grams, dense_outputs, container_inputs, replay = _first_stage_grams(
+        work, first, inputs, second, container
+    )
     whitened: dict[Hashable, tuple[torch.Tensor, torch.Tensor]] = {}
     for job in first:
         if job.gram_key not in whitened:
@@ -171,7 +209,7 @@ def _compress_block(work, jobs: list[Job], inputs, holdout: set[int], factors: d
         )
         install_weight(work, job, u.double() @ v.double())
     if not second:
-        return
+        return replay
     # the intermediate after the compressed first projections, paired with the dense one
     compressed_grams = GramAccumulator()
     cross: dict[int, torch.Tensor] = {}
@@ -192,8 +230,16 @@ def _compress_block(work, jobs: list[Job], inputs, holdout: set[int], factors: d
 
         return observe
 
-    observers = {job.path: observer(job) for job in second}
-    layerwise.run_observed(work, inputs, observers, stop_after=set(observers))
+    if container_inputs is not None:
+        # the container's inputs do not depend on the weights changed inside it: replaying its recorded
+        # calls gives the same intermediates as running the whole block (attention included) again
+        observers = {job.path[len(container) + 1 :]: observer(job) for job in second}
+        module, module_inputs = work.get_submodule(container), container_inputs
+    else:
+        observers = {job.path: observer(job) for job in second}
+        module, module_inputs = work, inputs
+    layerwise.run_observed(module, module_inputs, observers, stop_after=set(observers))
+    layerwise.release_free_memory()  # the pass's activations, before the float64 factorizations
     for job in second:
         weight = job.projection.weight_in_out()
         s_t, s_inv_t = whitening(compressed_grams.grams[id(job)])
@@ -218,3 +264,4 @@ def _compress_block(work, jobs: list[Job], inputs, holdout: set[int], factors: d
         factors[id(job.projection)] = (u, v)
         notes[id(job.projection)] = note + (_FISHER_NOTE if weights is not None else "")
         install_weight(work, job, u.double() @ v.double())
+    return replay

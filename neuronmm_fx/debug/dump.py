@@ -129,19 +129,21 @@ def write_optimize(
         )
 
 
-def write_compiled(dump_dir: Path, record, before, graph_module: fx.GraphModule) -> None:
-    """The dumps of one graph the compile backend rewrote, and its line in ``summary.txt``."""
+def write_compiled(dump_dir: Path, record, before, rewritten, graph_module: fx.GraphModule) -> None:
+    """The dumps of one graph the compile backend rewrote (from Dynamo, after the rewrite, and, where
+    the ops were written out as ATen, as handed downstream), and its line in ``summary.txt``."""
     folder = dump_dir / f"graph_{record.index:03d}"
     heading = f"graph {record.index:03d} [{record.compile_id}]"
     write(folder, "0_dynamo", before, f"{heading}: from Dynamo")
     highlight = {site.replaced[0] for site in record.sites if site.replaced}
-    write(
-        folder,
-        "1_neuronmm",
-        snapshot(graph_module.graph),
-        f"{heading}: handed to {record.compiler}",
-        highlight,
-    )
+    write(folder, "1_neuronmm", rewritten, f"{heading}: after the rewrite", highlight)
+    if record.handed != record.after:
+        write(
+            folder,
+            "2_lowered",
+            snapshot(graph_module.graph),
+            f"{heading}: handed to {record.compiler}, neuronmm ops written out as ATen",
+        )
     (folder / "summary.txt").write_text(record.summary() + "\n")
     with (dump_dir / "summary.txt").open("a") as handle:
         handle.write(record.summary() + "\n")
