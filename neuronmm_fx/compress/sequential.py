@@ -25,9 +25,10 @@ dense stream's intermediate).  On SmolLM2-135M at ratio 0.2 it made perplexity w
 against 2.03× with the same calibration tokens): chasing upstream drift over-fits the calibration set.
 
 Per block the walk holds one working copy of the block, the Grams of its inputs, the dense
-intermediate of the calibration tokens and the arguments of the MLP's own module (e.g. ``mlp``), so
-that the pass over the compressed intermediate runs that module alone instead of the whole block
-with its attention; memory does not grow with depth.
+intermediate of the calibration tokens, the arguments of the MLP's own module (e.g. ``mlp``) and the
+outputs of the block's other children that ran before it (attention and norms): the pass over the
+compressed intermediate runs the MLP module alone, and the pass that produces the next block's
+inputs replays attention instead of computing it again.  Memory does not grow with depth.
 
 Guarantees: the user's model is not modified; every job's factors have exactly the requested rank
 and the original weight's dtype; the note per matrix says how it was fitted.
