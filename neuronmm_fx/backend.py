@@ -48,7 +48,9 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
+import networkx as nx
 import torch
 import torch.fx as fx
 
@@ -300,20 +302,27 @@ def _compress(sites: list[Site], options: BackendOptions, record: GraphRecord):
     return to_fuse
 
 
+class Rewrite(NamedTuple):
+    """What :func:`rewrite_graph` did to one graph."""
+
+    record: GraphRecord
+    extra: list[torch.Tensor]  # frozen factors the graph now takes after its own inputs (``ratio``)
+    watched: dict[int, tuple[str, torch.Tensor, int]]  # graph inputs (by index) they were computed from
+    before: nx.DiGraph  # snapshots of the graph as Dynamo captured it and after the rewrite (for dumps)
+    after: nx.DiGraph
+
+
 def rewrite_graph(
     gm: fx.GraphModule, example_inputs: Sequence, options: BackendOptions | None = None
-) -> tuple[GraphRecord, list[torch.Tensor], dict[int, tuple[str, torch.Tensor, int]]]:
+) -> Rewrite:
     """Run canonicalize → match → compress → fuse → decanonicalize in place on a Dynamo graph
-    prepared by :func:`neuronmm_fx.frontends.dynamo.prepare` (a copy, module paths normalised).
-
-    Returns the record, the frozen factor tensors the graph now takes after its own inputs (only with
-    ``ratio``), and the graph inputs (by index) that those factors were computed from.
-    """
+    prepared by :func:`neuronmm_fx.frontends.dynamo.prepare` (a copy, module paths normalised)."""
     options = options or BackendOptions()
     compile_id = torch._guards.CompileContext.current_compile_id()
     record = GraphRecord(next(_INDEX), str(compile_id) if compile_id is not None else "-", options.compiler)
     graph = gm.graph
-    record.before = dump.to_text(dump.snapshot(graph), f"graph {record.index:03d}: as Dynamo captured it")
+    before = dump.snapshot(graph)
+    record.before = dump.to_text(before, f"graph {record.index:03d}: as Dynamo captured it")
     record.existing = neuronmm_ops(graph)
     functional = not any(may_mutate(n) for n in graph.nodes)
     Canonicalize(dynamo.resolver(gm, example_inputs), functional=functional)(gm)
@@ -330,8 +339,9 @@ def rewrite_graph(
     graph.lint()
     record.op_counts = neuronmm_ops(graph)
     record.frozen_inputs = len(operands.extra)
-    record.after = dump.to_text(dump.snapshot(graph), f"graph {record.index:03d}: after the rewrite")
-    return record, operands.extra, operands.watched
+    after = dump.snapshot(graph)
+    record.after = dump.to_text(after, f"graph {record.index:03d}: after the rewrite")
+    return Rewrite(record, operands.extra, operands.watched, before, after)
 
 
 # --- the backend ---------------------------------------------------------------------------------------
@@ -382,21 +392,21 @@ def neuronmm_backend(
     """The ``torch.compile`` backend: fuse ``neuronmm`` patterns, then hand off downstream."""
     opts = BackendOptions.from_dict(options)
     gm = dynamo.prepare(gm)  # a copy: Dynamo keeps reading its own graph after the backend returns
-    before = dump.snapshot(gm.graph) if opts.dump_dir is not None else None
-    record, extra, watched = rewrite_graph(gm, example_inputs, opts)
-    rewritten = dump.snapshot(gm.graph) if opts.dump_dir is not None else None
+    rewrite = rewrite_graph(gm, example_inputs, opts)
+    record = rewrite.record
     record.form, record.form_reason = op_form(opts.compiler, example_inputs)
-    record.handed = record.after
+    record.handed, lowered = record.after, None
     if record.op_counts and record.form == "decomposed":
         Lower()(gm)
+        lowered = dump.snapshot(gm.graph)
         record.handed = dump.to_text(
-            dump.snapshot(gm.graph), f"graph {record.index:03d}: handed to {opts.compiler}, ops written out"
+            lowered, f"graph {record.index:03d}: handed to {opts.compiler}, ops written out"
         )
     _RECORDS.append(record)
     del _RECORDS[:-MAX_RECORDS]
     log.info("%s", record.summary())
     if opts.dump_dir is not None:
         opts.dump_dir.mkdir(parents=True, exist_ok=True)
-        dump.write_compiled(opts.dump_dir, record, before, rewritten, gm)
-    compiled = _downstream(opts, mode)(gm, [*example_inputs, *extra])
-    return _frozen(compiled, extra, watched) if extra else compiled
+        dump.write_compiled(opts.dump_dir, record, rewrite.before, rewrite.after, lowered)
+    compiled = _downstream(opts, mode)(gm, [*example_inputs, *rewrite.extra])
+    return _frozen(compiled, rewrite.extra, rewrite.watched) if rewrite.extra else compiled

@@ -129,7 +129,9 @@ def write_optimize(
         )
 
 
-def write_compiled(dump_dir: Path, record, before, rewritten, graph_module: fx.GraphModule) -> None:
+def write_compiled(
+    dump_dir: Path, record, before: nx.DiGraph, rewritten: nx.DiGraph, lowered: nx.DiGraph | None
+) -> None:
     """The dumps of one graph the compile backend rewrote (from Dynamo, after the rewrite, and, where
     the ops were written out as ATen, as handed downstream), and its line in ``summary.txt``."""
     folder = dump_dir / f"graph_{record.index:03d}"
@@ -137,11 +139,11 @@ def write_compiled(dump_dir: Path, record, before, rewritten, graph_module: fx.G
     write(folder, "0_dynamo", before, f"{heading}: from Dynamo")
     highlight = {site.replaced[0] for site in record.sites if site.replaced}
     write(folder, "1_neuronmm", rewritten, f"{heading}: after the rewrite", highlight)
-    if record.handed != record.after:
+    if lowered is not None:
         write(
             folder,
             "2_lowered",
-            snapshot(graph_module.graph),
+            lowered,
             f"{heading}: handed to {record.compiler}, neuronmm ops written out as ATen",
         )
     (folder / "summary.txt").write_text(record.summary() + "\n")
