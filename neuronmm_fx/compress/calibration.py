@@ -170,14 +170,20 @@ def _sample_sequences(model: nn.Module, start: torch.Tensor, length: int, genera
     return torch.cat(tokens, dim=1)
 
 
+def forward_dtype(model: nn.Module, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a forward under :func:`forward_precision` computes in: ``dtype`` for a float32
+    model, the model's own dtype for one already narrower."""
+    parameter_dtype = next(model.parameters()).dtype
+    return dtype if parameter_dtype == torch.float32 else parameter_dtype
+
+
 def forward_precision(model: nn.Module, dtype: torch.dtype):
     """Autocast to ``dtype`` for a float32 model's forward passes (half the activation memory, and
     bf16 matmuls run about twice as fast on CPUs with bf16 units); a model already in a narrower dtype
     runs as it is.  Weight casts are not cached, so no second copy of the model is ever held."""
-    parameter = next(model.parameters())
-    if parameter.dtype != torch.float32 or dtype == torch.float32:
+    if forward_dtype(model, dtype) == next(model.parameters()).dtype:
         return contextlib.nullcontext()
-    return torch.autocast(parameter.device.type, dtype=dtype, cache_enabled=False)
+    return torch.autocast(next(model.parameters()).device.type, dtype=dtype, cache_enabled=False)
 
 
 def kv_bytes_per_sequence(model: nn.Module, length: int, dtype: torch.dtype) -> int:
@@ -220,8 +226,7 @@ def self_generated(
     (autocast; the weight casts are not cached, so no second copy of the model is held).
     Near-duplicates (same first ``DEDUP_PREFIX`` generated tokens) and degenerate repetitions are
     dropped; the rest are packed end to end (:func:`pack`) into rows of up to ``PACKED_LENGTH``
-    tokens.  Returns the batches and how many
-    sequences were dropped.
+    tokens.  Returns the batches and how many sequences were dropped.
     """
     config = model.config
     device = next(model.parameters()).device
@@ -230,8 +235,7 @@ def self_generated(
     kept: list[torch.Tensor] = []
     seen: set[tuple[int, ...]] = set()
     dropped = 0
-    parameter_dtype = next(model.parameters()).dtype  # the KV cache's, unless autocast narrows it
-    width = generation_batch(model, length, dtype if parameter_dtype == torch.float32 else parameter_dtype)
+    width = generation_batch(model, length, forward_dtype(model, dtype))  # the KV cache's dtype
     chunks = range(0, sequences, width)
     for first in tqdm(chunks, desc="write calibration text", unit="batch", disable=not progress):
         count = min(width, sequences - first)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from neuronmm_fx.compress import layerwise
-from neuronmm_fx.compress.calibration import forward_precision
+from neuronmm_fx.compress.calibration import forward_dtype, forward_precision
 from neuronmm_fx.compress.factorize import svd_by_gram, whitening
 from neuronmm_fx.compress.ranks import weighted_truncation_loss
 from neuronmm_fx.compress.sequential import GramAccumulator, Job
@@ -67,9 +67,8 @@ class _Head:
 
     def __init__(self, module: nn.Linear, dtype: torch.dtype) -> None:
         self.module = module
-        narrow = module.weight.dtype == torch.float32 and dtype != torch.float32
-        self.weight = module.weight.detach().to(dtype if narrow else module.weight.dtype)
-        self.bias = None if module.bias is None else module.bias.detach().to(self.weight.dtype)
+        self.weight = module.weight.detach().to(dtype)
+        self.bias = None if module.bias is None else module.bias.detach().to(dtype)
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden.to(self.weight.dtype), self.weight, self.bias)
@@ -166,7 +165,7 @@ def output_fisher(
     handles += [model.get_submodule(path).register_forward_hook(watch(key)) for key, path in outputs.items()]
     device = next(model.parameters()).device
     plain = _plain_head(model)
-    head = _Head(plain, dtype) if plain is not None else None
+    head = _Head(plain, forward_dtype(model, dtype)) if plain is not None else None
     checkpointing = layerwise.checkpointed(stack) if stack is not None else contextlib.nullcontext()
     try:
         with torch.enable_grad(), checkpointing, forward_precision(model, dtype):
