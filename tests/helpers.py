@@ -98,14 +98,7 @@ def tiny_decoder(kind: str = "llama", seed: int = 0) -> nn.Module:
         "qwen3": (T.Qwen3ForCausalLM, T.Qwen3Config, {"head_dim": 16}),
     }[kind]
     config = config_class(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        **extra,
+        **_decoder(vocab_size=128, intermediate_size=160, max_position_embeddings=64), **extra
     )
     torch.manual_seed(seed)
     return model_class(config).eval()
