@@ -14,7 +14,10 @@ compiled dense" is the median of the per-repeat ratios, with their range.  The i
 model could reach against the same model dense:
 
 * prefill: the FLOP ideal, whole-model matmul FLOPs of the prompt (projections, attention scores
-  and values, LM head) dense over compressed;
+  and values, LM head) dense over compressed.  Prefill computes the logits of the last position
+  only, as ``generate()`` does (it passes ``logits_to_keep=1``); ``--all-logits`` computes every
+  position's, as a plain ``model(ids)`` call does (the LM head is then ~20 % of SmolLM2's prefill
+  FLOPs, and the same in dense and compressed);
 * decode: the weight-bytes ideal, bytes of matmul weights read per decoded token dense over
   compressed.
 
@@ -23,7 +26,11 @@ compiles one prefill graph and one decode graph.  CPU figures: the fused kernels
 business; here what shows is the smaller matrices and the compiler.
 
     python benchmarks/latency.py [--ratios 0.2 0.5] [--prompt-tokens 64] [--new-tokens 16]
-                                 [--repeats 9] [--threads N]
+                                 [--repeats 9] [--threads N] [--all-logits] [--freezing]
+
+``--freezing`` sets Inductor's inference setting ``torch._inductor.config.freezing`` for every
+compiled variant, dense and compressed alike: weights become constants, folded and prepacked for
+the CPU's GEMM library (a weight changed after compiling is then not seen).
 """
 
 from __future__ import annotations
@@ -71,16 +78,23 @@ def load():
 
 
 def generate(
-    model: Callable, config, ids: torch.Tensor, new_tokens: int
+    model: Callable, config, ids: torch.Tensor, new_tokens: int, logits_to_keep: int = 1
 ) -> tuple[float, float, torch.Tensor]:
-    """Greedy decoding with a static cache: (prefill seconds, mean seconds per decoded token, tokens)."""
+    """Greedy decoding with a static cache: (prefill seconds, mean seconds per decoded token, tokens).
+    Prefill computes the logits of the last ``logits_to_keep`` positions (0: all)."""
     from transformers import StaticCache
 
     prompt = ids.shape[1]
     cache = StaticCache(config=config, max_cache_len=prompt + new_tokens)
     with torch.no_grad():
         start = time.perf_counter()
-        out = model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(prompt), use_cache=True)
+        out = model(
+            input_ids=ids,
+            past_key_values=cache,
+            cache_position=torch.arange(prompt),
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+        )
         token = out.logits[:, -1:].argmax(-1)
         prefill = time.perf_counter() - start
         tokens = [token]
@@ -108,13 +122,16 @@ def matmul_weights(model: torch.nn.Module) -> int:
     return total
 
 
-def prefill_flops(model: torch.nn.Module, config, tokens: int) -> float:
-    """Matmul FLOPs of a ``tokens``-long causal prefill: 2·tokens·weights, plus attention's scores
-    and weighted values (2 products of 2·heads·head_dim FLOPs per causal query-key pair) per layer."""
+def prefill_flops(model: torch.nn.Module, config, tokens: int, logits_to_keep: int) -> float:
+    """Matmul FLOPs of a ``tokens``-long causal prefill: 2·tokens·weights (the LM head's for the
+    ``logits_to_keep`` last positions only, 0 meaning all), plus attention's scores and weighted values
+    (2 products of 2·heads·head_dim FLOPs per causal query-key pair) per layer."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     pairs = tokens * (tokens + 1) / 2
     attention = config.num_hidden_layers * 2 * 2 * config.num_attention_heads * head_dim * pairs
-    return 2 * tokens * matmul_weights(model) + attention
+    head = model.get_output_embeddings().weight.numel()
+    logit_rows = tokens if logits_to_keep == 0 else min(logits_to_keep, tokens)
+    return 2 * tokens * (matmul_weights(model) - head) + 2 * logit_rows * head + attention
 
 
 def timed_runs(variants: dict[str, Callable], config, ids, args) -> dict[str, list[tuple[float, float]]]:
@@ -123,11 +140,11 @@ def timed_runs(variants: dict[str, Callable], config, ids, args) -> dict[str, li
     tokens, runs = {}, {name: [] for name in names}
     for name in names:
         start = time.perf_counter()
-        tokens[name] = generate(variants[name], config, ids, args.new_tokens)[2]
+        tokens[name] = generate(variants[name], config, ids, args.new_tokens, args.logits_to_keep)[2]
         print(f"  warm-up {name:<34} {time.perf_counter() - start:6.1f} s (compiles, if any)", flush=True)
     for round_ in range(args.repeats):
         for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
-            prefill, decode, _ = generate(variants[name], config, ids, args.new_tokens)
+            prefill, decode, _ = generate(variants[name], config, ids, args.new_tokens, args.logits_to_keep)
             runs[name].append((prefill, decode))
     return runs, tokens
 
@@ -139,7 +156,17 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--all-logits",
+        dest="logits_to_keep",
+        action="store_const",
+        const=0,
+        default=1,
+        help="prefill computes every position's logits (default: the last one's, as generate() does)",
+    )
+    parser.add_argument("--freezing", action="store_true", help="Inductor freezing, every compiled variant")
     args = parser.parse_args()
+    torch._inductor.config.freezing = args.freezing
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -149,7 +176,9 @@ def main() -> None:
     config = model.config
     print(
         f"SmolLM2-135M, {torch.get_num_threads()} threads, prompt {ids.shape[1]} tokens, "
-        f"{args.new_tokens} new tokens, {args.repeats} paired repeats (loaded in "
+        f"{args.new_tokens} new tokens, {args.repeats} paired repeats, prefill logits of "
+        f"{'every position' if args.logits_to_keep == 0 else 'the last position'}, Inductor freezing "
+        f"{'on' if args.freezing else 'off'} (loaded in "
         f"{time.perf_counter() - began:.0f} s)",
         flush=True,
     )
@@ -170,7 +199,8 @@ def main() -> None:
         variants[f"{ratio} eager"] = compressed
         variants[f"{ratio} compiled"] = torch.compile(compressed, backend="neuronmm")
         ideals[ratio] = (
-            prefill_flops(model, config, ids.shape[1]) / prefill_flops(compressed, config, ids.shape[1]),
+            prefill_flops(model, config, ids.shape[1], args.logits_to_keep)
+            / prefill_flops(compressed, config, ids.shape[1], args.logits_to_keep),
             matmul_weights(model) / matmul_weights(compressed),
         )
     runs, tokens = timed_runs(variants, config, ids, args)

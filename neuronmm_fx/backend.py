@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import operator
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -67,7 +68,7 @@ from neuronmm_fx.passes.decanonicalize import Decanonicalize
 from neuronmm_fx.passes.fuse import Fuse, OperandSource
 from neuronmm_fx.passes.ir import neuronmm_op, neuronmm_ops
 from neuronmm_fx.passes.lower import Lower
-from neuronmm_fx.passes.match import Match, Projection, Site
+from neuronmm_fx.passes.match import GATED, Match, Projection, Site
 from neuronmm_fx.report import GraphRecord, SiteReport, SkippedSite, matrix_report
 
 log = logging.getLogger("neuronmm_fx.backend")
@@ -189,12 +190,34 @@ class DynamoOperands(OperandSource):
         return node
 
     def operands(self, site: Site, compressed: dict[str, CompressedProjection], like: fx.Node):
-        return {role: self._operands(p, compressed[role], like) for role, p in site.projections.items()}
+        first = self._joint_first(site, compressed, like)
+        return {
+            role: self._operands(p, compressed[role], like, first.get(role))
+            for role, p in site.projections.items()
+        }
+
+    def _joint_first(self, site: Site, compressed: dict[str, CompressedProjection], like: fx.Node):
+        """``{"gate": node, "up": node}``: the gate and up first factors as the column blocks of one
+        frozen (K, r_gate + r_up) placeholder, split in the graph (the layout of
+        :class:`~neuronmm_fx.modules.CompressedMLP`, which the lower pass reads with one GEMM), when
+        both are factored here; ``{}`` otherwise."""
+        roles = ("gate", "up")
+        if site.pattern != GATED or any(
+            site.projections[role].is_lowrank or compressed[role].method == "dense" for role in roles
+        ):
+            return {}
+        firsts = [compressed[role].factors.u for role in roles]
+        joint = self.tensor(torch.cat(firsts, dim=1), f"{site.path}_gate_up_u", like)
+        split = self.call(torch.split, (joint, [u.shape[1] for u in firsts], 1), like)
+        return {role: self.call(operator.getitem, (split, index), like) for index, role in enumerate(roles)}
 
     def _in_out(self, weight: fx.Node, layout: str, like: fx.Node) -> fx.Node:
         return self.call(torch.t, (weight,), like) if layout == "out_in" else weight
 
-    def _operands(self, projection: Projection, result: CompressedProjection, like: fx.Node):
+    def _operands(
+        self, projection: Projection, result: CompressedProjection, like: fx.Node, u: fx.Node | None = None
+    ):
+        """``(u, v, bias)`` graph values of one projection; ``u`` when given is its first factor's node."""
         if projection.is_lowrank:
             first, second = projection.nodes[0], projection.nodes[1]
             u = self._in_out(first.args[1], first.args[3], like)
@@ -209,7 +232,7 @@ class DynamoOperands(OperandSource):
             self._watch(weight, projection)
             factors = result.factors
             return (
-                self.tensor(factors.u, f"{projection.name}_u", like),
+                u if u is not None else self.tensor(factors.u, f"{projection.name}_u", like),
                 self.tensor(factors.v, f"{projection.name}_v", like),
                 bias,
             )
@@ -397,7 +420,7 @@ def neuronmm_backend(
     record.form, record.form_reason = op_form(opts.compiler, example_inputs)
     record.handed, lowered = record.after, None
     if record.op_counts and record.form == "decomposed":
-        Lower()(gm)
+        record.joint_first = Lower()(gm).joint
         lowered = dump.snapshot(gm.graph)
         record.handed = dump.to_text(
             lowered, f"graph {record.index:03d}: handed to {opts.compiler}, ops written out"

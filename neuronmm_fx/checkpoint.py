@@ -5,13 +5,15 @@ A checkpoint is a folder with
 * ``model.safetensors``: the whole ``state_dict`` (shared tensors such as tied embeddings stored once);
 * ``neuronmm_recipe.json``: what ``optimize()`` did: method, ratio, block, allocation, the library
   version, the model class, and for every replaced module its path, its pattern and its parameter
-  shapes (so every rank is there).
+  shapes (so every rank is there).  Format 4 stores the gate and up first factors of a gated MLP
+  whose two branches are low-rank as one ``gate_up_u`` (their column blocks); format 3 checkpoints,
+  which keep ``gate_u`` and ``up_u`` apart, still load, into modules that keep them apart.
 
 Loading rebuilds the replaced modules from the recipe's shapes alone (no capture, no SVD, no
 calibration), installs them into the fresh model, and loads the tensors strictly: the loaded model
 computes exactly what the saved one did.
 
-Integrity: the recipe (format 3) records every saved tensor's dtype, shape and SHA-256.  Loading
+Integrity: the recipe (format 3 on) records every saved tensor's dtype, shape and SHA-256.  Loading
 checks, before anything in the model changes, that the recipe is complete and consistent (known
 patterns and activations, factor shapes that chain), that the weights file parses and every tensor
 matches its digest, dtype and shape, and that the model with the replacements installed expects
@@ -34,14 +36,15 @@ from torch import nn
 from neuronmm_fx.api import REPORT_ATTRIBUTE, report_of
 from neuronmm_fx.errors import CheckpointError
 from neuronmm_fx.install import set_submodule
-from neuronmm_fx.modules import Factors
+from neuronmm_fx.modules import CompressedMLP, Factors
 from neuronmm_fx.passes.match import GATED, LOWRANK, PLAIN
 from neuronmm_fx.patterns import pattern_of, pattern_of_module
 
 RECIPE_FILE = "neuronmm_recipe.json"
 WEIGHTS_FILE = "model.safetensors"
-RECIPE_FORMAT = 3  # 3: tensor digests; 2: replaced modules by pattern; 1: by class name
-READABLE_FORMATS = (3,)  # earlier recipes carry no digests: load them with the version that wrote them
+# 4: gate/up first factors joint; 3: tensor digests; 2: replaced modules by pattern; 1: by class name
+RECIPE_FORMAT = 4
+READABLE_FORMATS = (3, 4)  # earlier recipes carry no digests: load them with the version that wrote them
 _RECIPE_KEYS = ("format", "library", "model_class", "replaced", "tensors", "report", "integrity")
 
 
@@ -159,6 +162,16 @@ def _build(description: dict, dtype: torch.dtype) -> nn.Module:
     except KeyError as error:
         raise CheckpointError(f"unknown module {name or kind!r} in the recipe") from error
     shapes = description.get("shapes", {})
+    if not isinstance(shapes, dict):
+        raise CheckpointError("the recipe's shapes are not a table")
+    joint = shapes.get(CompressedMLP.JOINT_FIRST)
+    if joint is not None:  # format 4: the gate and up first factors are the column blocks of one matrix
+        shapes = dict(shapes)
+        for role in ("gate", "up"):
+            second = shapes.get(f"{role}_v")
+            if not (isinstance(joint, list) and isinstance(second, list) and joint and second):
+                raise CheckpointError(f"the recipe gives {CompressedMLP.JOINT_FIRST} without {role}_v")
+            shapes[f"{role}_u"] = [joint[0], second[0]]
     prefix = "" if pattern.name == LOWRANK else "{role}_"
     factors = {
         role: Factors(
@@ -166,6 +179,11 @@ def _build(description: dict, dtype: torch.dtype) -> nn.Module:
         )
         for role in pattern.roles
     }
+    if pattern.name == GATED:  # the layout the tensors were saved in: joint first factors or apart
+        activation = description.get("activation")
+        return CompressedMLP(
+            activation, factors["gate"], factors["down"], up=factors["up"], share_first=joint is not None
+        )
     return pattern.build(description.get("activation"), factors)
 
 
@@ -192,8 +210,9 @@ def _read(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise CheckpointError(f"{recipe_path} is not a neuronmm_fx recipe")
     if saved.get("format") not in READABLE_FORMATS:
         raise CheckpointError(
-            f"{recipe_path} has recipe format {saved.get('format')!r}; this version reads format "
-            f"{RECIPE_FORMAT} (older checkpoints carry no tensor digests: re-save them)"
+            f"{recipe_path} has recipe format {saved.get('format')!r}; this version reads formats "
+            f"{', '.join(map(str, READABLE_FORMATS))} (older checkpoints carry no tensor digests: re-save "
+            "them)"
         )
     missing = [key for key in _RECIPE_KEYS if key not in saved]
     if missing:
@@ -236,10 +255,11 @@ def _check_module(path: str, module: nn.Module) -> None:
     if isinstance(module, nn.Identity):
         return
     for role in getattr(module, "roles", ("",)):
-        prefix = f"{role}_" if role else ""
-        u = getattr(module, f"{prefix}u")
-        v = getattr(module, f"{prefix}v")
-        bias = getattr(module, f"{prefix}bias")
+        if isinstance(module, CompressedMLP):
+            factors = module.factors(role)
+            u, v, bias = factors.u, factors.v, factors.bias
+        else:
+            u, v, bias = module.u, module.v, module.bias
         if u is None:
             raise CheckpointError(f"the recipe gives no factors for {path} ({role or 'lowrank'})")
         out = u.shape[1] if v is None else v.shape[1]

@@ -31,7 +31,7 @@ import torch.fx as fx
 from torch import nn
 
 from neuronmm_fx.compress.factorize import CompressedProjection
-from neuronmm_fx.modules import LowRankLinear
+from neuronmm_fx.modules import CompressedMLP, LowRankLinear
 from neuronmm_fx.passes.canonicalize_linears import is_linear_module
 from neuronmm_fx.passes.ir import module_paths
 from neuronmm_fx.passes.match import Site
@@ -54,6 +54,11 @@ class FusedSite:
     def build(cls, site: Site, compressed: dict[str, CompressedProjection]) -> FusedSite:
         pattern = pattern_of(site.pattern)
         module = pattern.build(site.activation, {role: c.factors for role, c in compressed.items()})
+        if isinstance(module, CompressedMLP) and module.shares_first:
+            # the module copied the gate and up first factors into its joint parameter: the results
+            # now read that copy, so that the factors are held once
+            for role in ("gate", "up"):
+                compressed[role].factors.u = module.factors(role).u.detach()
         return cls(site, compressed, module, pattern.uncompressed(site))
 
 

@@ -13,6 +13,10 @@
 
     ``activation`` is one of :data:`neuronmm_fx.activations.ACTIVATION_NAMES`.
 
+When ``act_u`` and ``up_u`` are adjacent column blocks of one matrix (as
+:class:`~neuronmm_fx.modules.CompressedMLP` keeps them), the PyTorch implementation reads ``x``
+against both in one GEMM, ``x·[Ug | Uu]``; the result is the same float32 products.
+
 Both ops accept float32, bfloat16 and float16.  The PyTorch implementation accumulates in float32
 whatever the input precision and casts the result back to ``x``'s dtype, as the NKI kernels do
 (PSUM is fp32).  Each op has a fake (meta) implementation for ``torch.compile``/``torch.export``,
@@ -78,12 +82,16 @@ def _project(
     x32: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """``x32·u·v + bias`` in float32 (``x32`` already float32)."""
-    y = x32 @ u.float()
+    return _finish(x32 @ u.float(), v, bias)
+
+
+def _finish(first: torch.Tensor, v: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """``first·v + bias`` in float32, ``first`` being ``x·u`` (float32)."""
     if v is not None:
-        y = y @ v.float()
+        first = first @ v.float()
     if bias is not None:
-        y = y + bias.float()
-    return y
+        first = first + bias.float()
+    return first
 
 
 def xuv_reference(
@@ -108,14 +116,48 @@ def svd_mlp_reference(
     down_v: torch.Tensor | None,
     down_bias: torch.Tensor | None,
     activation: str,
+    joint_first: tuple[torch.Tensor, int] | None = None,
 ) -> torch.Tensor:
     """PyTorch semantics of ``neuronmm::svd_mlp``: float32 accumulation, result in ``x.dtype`` (traces
-    on ``torch.fx`` proxies too, as :func:`xuv_reference`)."""
+    on ``torch.fx`` proxies too, as :func:`xuv_reference`).
+
+    ``joint_first``, for the gated form, is ``([act_u | up_u], r_act)``: the two first factors as the
+    column blocks of one (K, r_act + r_up) matrix, read against ``x`` in one GEMM whose result is
+    split in two.  Each output column is the same float32 dot product either way."""
     x32 = x.float()
-    hidden = apply_activation(activation, _project(x32, act_u, act_v, act_bias))  # (..., I)
-    if up_u is not None:
-        hidden = hidden * _project(x32, up_u, up_v, up_bias)
+    if joint_first is not None and up_u is not None:
+        joint, act_rank = joint_first
+        both = x32 @ joint.float()  # (..., r_act + r_up)
+        act_first, up_first = both[..., :act_rank], both[..., act_rank:]
+        hidden = apply_activation(activation, _finish(act_first, act_v, act_bias))  # (..., I)
+        hidden = hidden * _finish(up_first, up_v, up_bias)
+    else:
+        hidden = apply_activation(activation, _project(x32, act_u, act_v, act_bias))  # (..., I)
+        if up_u is not None:
+            hidden = hidden * _project(x32, up_u, up_v, up_bias)
     return _project(hidden, down_u, down_v, down_bias).type_as(x)
+
+
+def joint_columns(left: torch.Tensor | None, right: torch.Tensor | None) -> tuple[torch.Tensor, int] | None:
+    """``([left | right], left's width)`` as a view when ``right``'s columns follow ``left``'s in one
+    row-major storage (as :class:`~neuronmm_fx.modules.CompressedMLP` keeps the gate and up first
+    factors); None otherwise.  No copy either way."""
+    if left is None or right is None or left.dim() != 2 or right.dim() != 2:
+        return None
+    rows, width = left.shape[0], left.shape[1] + right.shape[1]
+    adjacent = (
+        right.shape[0] == rows
+        and left.dtype == right.dtype
+        and left.device == right.device
+        and left.stride() == right.stride()
+        and left.stride(1) == 1
+        and (rows == 1 or left.stride(0) >= width)
+        and left.untyped_storage().data_ptr() == right.untyped_storage().data_ptr()
+        and right.storage_offset() == left.storage_offset() + left.shape[1]
+    )
+    if not adjacent:
+        return None
+    return left.as_strided((rows, width), left.stride(), left.storage_offset()), left.shape[1]
 
 
 def _xuv_out_features(x, u, v, bias) -> int:
@@ -172,7 +214,7 @@ def svd_mlp(
     _svd_mlp_out_features(*args)
     if dispatch.active_mode() == "standin":
         return dispatch.svd_mlp(*args)
-    return svd_mlp_reference(*args)
+    return svd_mlp_reference(*args, joint_first=joint_columns(act_u, up_u))
 
 
 @svd_mlp.register_fake

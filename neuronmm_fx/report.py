@@ -187,6 +187,7 @@ class GraphRecord:
     op_counts: Counter = field(default_factory=Counter)  # neuronmm ops in the graph after the rewrite
     form: str = "opaque"  # how they were handed downstream: "opaque" (whole ops) or "decomposed" (ATen)
     form_reason: str = ""
+    joint_first: int = 0  # decomposed gated MLPs reading x against [U_gate | U_up] in one GEMM
     frozen_inputs: int = 0  # factors computed at compile time and passed as extra inputs (ratio=)
     factorization: str = ""  # how dense matrices were factored (said once per graph)
     before: str = ""
@@ -203,6 +204,8 @@ class GraphRecord:
         lines = [head + ops_after]
         if self.op_counts:
             lines.append(f"  handed on {self.form}: {self.form_reason}")
+        if self.joint_first:
+            lines.append(f"  {self.joint_first} gated MLP(s): gate and up first factors in one GEMM")
         if self.existing:
             found = ", ".join(f"{n} x{c}" for n, c in sorted(self.existing.items()))
             lines.append(f"  already in the graph: {found}")

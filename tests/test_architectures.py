@@ -113,6 +113,8 @@ def test_optimized_model_generates_and_saves(tmp_path):
     path = tmp_path / "state.pt"
     torch.save(optimized.state_dict(), path)
     state = torch.load(path)
-    assert state["model.layers.0.mlp.gate_u"].shape == (64, 32)
+    # the gate and up first factors (64, 32) each, side by side in one parameter
+    assert state["model.layers.0.mlp.gate_up_u"].shape == (64, 64)
+    assert "model.layers.0.mlp.gate_u" not in state and "model.layers.0.mlp.up_u" not in state
     assert state["model.layers.0.mlp.down_v"].shape == (32, 64)
     assert not any(key.startswith("model.layers.0.mlp.gate_proj") for key in state)

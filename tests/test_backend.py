@@ -127,6 +127,11 @@ def test_inductor_computes_the_activation_and_gate_up_product_in_a_generated_ker
     assert "neuronmm" not in code  # no opaque call left
     fused = re.findall(r"\b(cpp_fused_\w+)\s*=\s*async_compile", code)
     assert any("silu" in name and "mul" in name for name in fused), fused
+    # each MLP reads x against [U_gate | U_up] in one GEMM: 5 matmuls per MLP where 6 were
+    assert record.joint_first == 2
+    lowered = record.handed
+    assert lowered.count("gate_up_u") and "split" not in lowered
+    assert lowered.count("call_function[matmul]") == 2 * 5
 
 
 def test_with_the_standin_kernels_active_the_op_stays_opaque():
@@ -219,7 +224,9 @@ def test_ratio_compresses_on_the_fly(monkeypatch):
     got = logits(torch.compile(model, backend="neuronmm", options=options))
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     (record,) = backend.records()
-    assert record.count("svd_mlp") == 2 and record.frozen_inputs == 2 * 3 * 2
+    # per layer: gate and up first factors in one joint tensor, their two second factors, down's two
+    assert record.count("svd_mlp") == 2 and record.frozen_inputs == 2 * (1 + 2 + 2)
+    assert record.joint_first == 2  # written out with one GEMM for the gate and up first factors
     assert all({m.method for m in r.matrices} == {"svd"} for r in record.sites)
     assert sum(isinstance(m, CompressedMLP) for m in model.modules()) == 0
 

@@ -264,6 +264,43 @@ def test_save_load_works_for_chain_installs(tmp_path):
     assert torch.equal(model_output(fresh, ids), model_output(model, ids))
 
 
+def test_checkpoints_keep_the_gate_up_layout_they_were_saved_in(tmp_path):
+    import json
+
+    from neuronmm_fx.checkpoint import RECIPE_FILE
+    from neuronmm_fx.install import set_submodule
+    from neuronmm_fx.modules import CompressedMLP
+
+    model = neuronmm_fx.optimize(tiny_model("llama"), ratio=0.2, block=8, method="svd", allocation="uniform")
+    ids = token_ids()
+    save_compressed(model, tmp_path / "joint")
+    joint = load_compressed(tiny_model("llama", seed=3), tmp_path / "joint")
+    mlps = [m for m in joint.modules() if isinstance(m, CompressedMLP)]
+    assert len(mlps) == LAYERS and all(m.shares_first for m in mlps)
+    assert torch.equal(model_output(joint, ids), model_output(model, ids))
+
+    # format 3 stored gate_u and up_u apart: such a checkpoint loads into modules that keep them apart
+    for path, module in list(model.named_modules()):
+        if isinstance(module, CompressedMLP):
+            factors = {role: module.factors(role) for role in module.roles}
+            for part in factors["gate"], factors["up"]:
+                part.u = part.u.detach().clone()  # own storage, as format 3 wrote them
+            apart = CompressedMLP(
+                module.activation, factors["gate"], factors["down"], up=factors["up"], share_first=False
+            )
+            set_submodule(model, path, apart)
+    save_compressed(model, tmp_path / "apart")
+    recipe_path = tmp_path / "apart" / RECIPE_FILE
+    recipe = json.loads(recipe_path.read_text())
+    shapes = next(iter(recipe["replaced"].values()))["shapes"]
+    assert "gate_u" in shapes and "gate_up_u" not in shapes
+    recipe_path.write_text(json.dumps({**recipe, "format": 3}))
+    apart = load_compressed(tiny_model("llama", seed=4), tmp_path / "apart")
+    mlps = [m for m in apart.modules() if isinstance(m, CompressedMLP)]
+    assert len(mlps) == LAYERS and not any(m.shares_first for m in mlps)
+    torch.testing.assert_close(model_output(apart, ids), model_output(joint, ids), rtol=1e-5, atol=1e-5)
+
+
 def test_a_mismatched_checkpoint_is_refused_and_the_model_untouched(tmp_path):
     model = neuronmm_fx.optimize(tiny_model("llama"), ratio=0.2, block=8, method="svd")
     save_compressed(model, tmp_path)

@@ -103,3 +103,41 @@ def test_gradients_flow_to_the_factors():
     (x @ u_ref @ v_ref).sum().backward()
     torch.testing.assert_close(u.grad, u_ref.grad)
     torch.testing.assert_close(v.grad, v_ref.grad)
+
+
+def _mm_calls(fn) -> int:
+    """How many ``aten::mm`` calls ``fn`` makes, seen by the profiler (inside the custom op too)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        fn()
+    return sum(event.name == "aten::mm" for event in profile.events())
+
+
+def test_joint_first_factors_are_one_gemm_with_the_same_result_and_gradients():
+    from neuronmm_fx.modules import CompressedMLP, Factors
+    from neuronmm_fx.ops import joint_columns
+
+    x = _randn(2, 5, 16)
+    gate = Factors(_randn(16, 4, seed=1), _randn(4, 24, seed=2), _randn(24, seed=3))
+    up = Factors(_randn(16, 6, seed=4), _randn(6, 24, seed=5))
+    down = Factors(_randn(24, 5, seed=6), _randn(5, 16, seed=7), _randn(16, seed=8))
+    joint = CompressedMLP("silu", gate, down, up=up)
+    apart = CompressedMLP("silu", gate, down, up=up, share_first=False)
+    assert joint.shares_first and not apart.shares_first
+    assert joint.gate_up_u.shape == (16, 10) and not hasattr(joint, "gate_u")
+    assert [n for n, _ in apart.named_parameters()][:1] == ["gate_u"]
+    views = joint.factors("gate").u, joint.factors("up").u
+    matrix, gate_rank = joint_columns(*views)
+    assert gate_rank == 4 and matrix.data_ptr() == joint.gate_up_u.data_ptr() and matrix.shape == (16, 10)
+    assert joint_columns(views[1], views[0]) is None  # up before gate: not one matrix in that order
+    assert joint_columns(gate.u, up.u) is None  # two storages
+
+    with torch.no_grad():
+        assert _mm_calls(lambda: joint(x)) == 5 and _mm_calls(lambda: apart(x)) == 6
+        expected = apart(x)  # float32 GEMMs of other widths: equal up to rounding
+        torch.testing.assert_close(joint(x), expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item())
+
+    joint(x).square().sum().backward()
+    apart(x).square().sum().backward()
+    apart_grad = torch.cat([apart.gate_u.grad, apart.up_u.grad], dim=1)
+    for got, want in ((joint.gate_up_u.grad, apart_grad), (joint.down_v.grad, apart.down_v.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * want.abs().max().item())

@@ -461,7 +461,7 @@ CASES: list[Case] = [
         "the recipe's rank edited",
         "was edited after saving",
         lambda f: _edit_recipe(
-            f, lambda r: next(iter(r["replaced"].values()))["shapes"].update(gate_u=[64, 4])
+            f, lambda r: next(iter(r["replaced"].values()))["shapes"].update(gate_v=[4, 128])
         ),
     ),
     load_case(

@@ -153,10 +153,11 @@ def _check_bias(what: str, bias, n: int) -> None:
 
 
 def _cast(t, dtype, shape=None):
-    """``t`` in ``dtype`` (reshaped to ``shape`` if given); None stays None."""
+    """``t`` in ``dtype``, dense row-major (the kernels address HBM operands so; the joint gate/up
+    first factor arrives as two column views), reshaped to ``shape`` if given; None stays None."""
     if t is None:
         return None
-    t = t.to(dtype)
+    t = t.to(dtype).contiguous()
     return t if shape is None else t.reshape(shape)
 
 
@@ -195,7 +196,7 @@ def xuv(x, u, v, bias=None):
         plan = planner.plan_xuv_unfused(M, K, r, N, dname, tgt, bias=bias is not None)
         kernel = xuv_unfused
     dt = x.dtype
-    return _run(kernel, plan, x, (x2, u.to(dt), v.to(dt), _cast(bias, dt, (1, N))))
+    return _run(kernel, plan, x, (x2, _cast(u, dt), _cast(v, dt), _cast(bias, dt, (1, N))))
 
 
 def dense(x, w, bias=None):
@@ -214,7 +215,7 @@ def dense(x, w, bias=None):
     if M == 0:
         return x.new_zeros(*x.shape[:-1], N)
     plan = plan_dense(M, K, N, dname, standin_target(), bias=bias is not None)
-    return _run(matmul_dense, plan, x, (x2, w.to(x.dtype), _cast(bias, x.dtype, (1, N))))
+    return _run(matmul_dense, plan, x, (x2, _cast(w, x.dtype), _cast(bias, x.dtype, (1, N))))
 
 
 def svd_mlp(x, act_u, act_v, act_bias, up_u, up_v, up_bias, down_u, down_v, down_bias, activation):
