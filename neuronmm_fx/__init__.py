@@ -6,7 +6,7 @@
 
 from neuronmm_fx import ops  # noqa: F401  (registers the neuronmm custom ops)
 from neuronmm_fx.api import optimize, report_of
-from neuronmm_fx.checkpoint import load_compressed, save_compressed
+from neuronmm_fx.checkpoint import from_pretrained, load_compressed, save_compressed
 from neuronmm_fx.compress.calibration import Calibration, calibrate
 from neuronmm_fx.compress.finetune import FinetuneConfig, finetune
 from neuronmm_fx.config import OptimizeConfig
@@ -44,6 +44,7 @@ __all__ = [
     "UnsupportedModelError",
     "calibrate",
     "finetune",
+    "from_pretrained",
     "load_compressed",
     "optimize",
     "report_of",

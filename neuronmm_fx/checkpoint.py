@@ -1,8 +1,12 @@
-"""Save a compressed model and load it back onto a fresh model of the same architecture.
+"""Save a compressed model; load it back onto a fresh model of the same architecture, or rebuild it
+from the folder alone.
 
 A checkpoint is a folder with
 
 * ``model.safetensors``: the whole ``state_dict`` (shared tensors such as tied embeddings stored once);
+* ``config.json`` (a Hugging Face model's config, describing the model as it is) and, when a
+  tokenizer is given, its files: what :func:`from_pretrained` builds the model from, on the meta
+  device, so that no dense weight is ever allocated;
 * ``neuronmm_recipe.json``: what ``optimize()`` did: method, ratio, block, allocation, the library
   version, the model class, and for every replaced module its path, its pattern and its parameter
   shapes (so every rank is there).  Format 4 stores the gate and up first factors of a gated MLP
@@ -24,6 +28,7 @@ non-empty folder unless ``overwrite=True``.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import shutil
@@ -42,6 +47,7 @@ from neuronmm_fx.patterns import pattern_of, pattern_of_module
 
 RECIPE_FILE = "neuronmm_recipe.json"
 WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
 # 4: gate/up first factors joint; 3: tensor digests; 2: replaced modules by pattern; 1: by class name
 RECIPE_FORMAT = 4
 READABLE_FORMATS = (3, 4)  # earlier recipes carry no digests: load them with the version that wrote them
@@ -101,23 +107,35 @@ def _tie_groups(model: nn.Module) -> list[list[str]]:
     """State-dict names grouped by the tensor they share (tied embeddings are one group of two)."""
     groups: dict[tuple, list[str]] = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
-        key = (
-            tensor.untyped_storage().data_ptr(),
-            tensor.storage_offset(),
-            tuple(tensor.shape),
-            tensor.dtype,
-        )
+        if tensor.is_meta:  # no storage to compare: tied tensors are one object
+            key: tuple = ("meta", id(tensor))
+        else:
+            key = (
+                tensor.untyped_storage().data_ptr(),
+                tensor.storage_offset(),
+                tuple(tensor.shape),
+                tensor.dtype,
+            )
         groups.setdefault(key, []).append(name)
     return list(groups.values())
 
 
-def save_compressed(model: nn.Module, folder: str | Path, *, overwrite: bool = False) -> Path:
+def save_compressed(model: nn.Module, folder: str | Path, *, tokenizer=None, overwrite: bool = False) -> Path:
     """Write ``model.safetensors`` and ``neuronmm_recipe.json`` into ``folder``; return the folder.
+
+    A Hugging Face model's config goes beside them as ``config.json`` (describing the model as it is:
+    a GGUF-loaded model's ``quantization_config`` is left out, its weights being dequantized), and
+    ``tokenizer``'s files when one is given, so that :func:`from_pretrained` can rebuild the model
+    from the folder alone.
 
     Refuses (``CheckpointError``) an existing file, or a non-empty folder unless ``overwrite=True``,
     before writing anything; a failure while writing removes what was written."""
     folder = Path(folder)
     report_of(model)  # a model optimize() did not produce is refused here, before any file exists
+    if tokenizer is not None and not _has_hf_config(model):
+        raise CheckpointError(
+            "a tokenizer is saved beside a Hugging Face model's config; this model has none"
+        )
     if folder.exists() and not folder.is_dir():
         raise CheckpointError(f"cannot save into {folder}: it is a file")
     if folder.is_dir() and any(folder.iterdir()) and not overwrite:
@@ -129,6 +147,7 @@ def save_compressed(model: nn.Module, folder: str | Path, *, overwrite: bool = F
         save_model(model, str(written[0]), force_contiguous=True)  # dense weights may be transposed views
         # the table describes what save_model wrote (it keeps one name of each group of tied tensors)
         described = recipe(model, load_file(str(written[0])))
+        described["standalone"] = _write_standalone(model, folder, tokenizer, written)
         described["integrity"] = _integrity(described)
         written[1].write_text(json.dumps(described, indent=2))
     except BaseException:
@@ -138,6 +157,39 @@ def save_compressed(model: nn.Module, folder: str | Path, *, overwrite: bool = F
             shutil.rmtree(folder, ignore_errors=True)
         raise
     return folder
+
+
+def _write_standalone(model: nn.Module, folder: Path, tokenizer, written: list[Path]) -> dict | None:
+    """Write the model's config (and the tokenizer's files) for :func:`from_pretrained`; return the
+    recipe's note of them (None for a model without a Hugging Face config).  Every file written is
+    appended to ``written``."""
+    if not _has_hf_config(model):
+        return None
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):  # GGUF: the weights saved here are dequantized
+        del config.quantization_config
+    config.architectures = [type(model).__name__]
+    config.dtype = next(model.parameters()).dtype
+    path = folder / CONFIG_FILE
+    written.append(path)
+    config.to_json_file(str(path), use_diff=False)
+    tokenizer_files: list[str] = []
+    if tokenizer is not None:
+        before = set(folder.iterdir())
+        try:
+            tokenizer.save_pretrained(str(folder))
+        finally:
+            written.extend(set(folder.iterdir()) - before)
+        tokenizer_files = sorted(p.name for p in set(folder.iterdir()) - before)
+    return {"config": CONFIG_FILE, "config_sha256": _file_digest(path), "tokenizer_files": tokenizer_files}
+
+
+def _has_hf_config(model: nn.Module) -> bool:
+    return callable(getattr(getattr(model, "config", None), "to_json_file", None))
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _empty(shape, dtype) -> torch.Tensor | None:
@@ -189,9 +241,12 @@ def _build(description: dict, dtype: torch.dtype) -> nn.Module:
 
 def _integrity(saved: dict) -> str:
     """SHA-256 of what loading relies on: the model class, the replaced modules' descriptions
-    (patterns, activations, shapes), the tensor table (itself holding each tensor's digest) and the
-    report (its matrices are checked against the model and it is attached to the loaded model)."""
+    (patterns, activations, shapes), the tensor table (itself holding each tensor's digest), the
+    report (its matrices are checked against the model and it is attached to the loaded model) and,
+    where there is one, the note of the config file (with its digest)."""
     relied = {key: saved.get(key) for key in ("model_class", "replaced", "tensors", "report")}
+    if saved.get("standalone") is not None:  # format 4 on: the config a standalone load builds from
+        relied["standalone"] = saved["standalone"]
     return hashlib.sha256(json.dumps(relied, sort_keys=True).encode()).hexdigest()
 
 
@@ -274,8 +329,13 @@ def load_compressed(model: nn.Module, folder: str | Path) -> nn.Module:
 
     Everything is checked before the model changes (see the module docstring); a refusal leaves
     every tensor, module and attribute of ``model`` as it was."""
-    folder = Path(folder)
-    saved, tensors = _read(folder)
+    saved, tensors = _read(Path(folder))
+    return _load_into(model, saved, tensors, assign=False)
+
+
+def _load_into(model: nn.Module, saved: dict, tensors: dict[str, torch.Tensor], *, assign: bool) -> nn.Module:
+    """Check, then install the recipe's modules into ``model`` and load ``tensors``: copied into the
+    model's tensors, or with ``assign`` adopted as they are (a model built on the meta device)."""
     if saved["model_class"] != type(model).__name__:
         raise CheckpointError(f"the checkpoint is for a {saved['model_class']}, not a {type(model).__name__}")
     try:  # built before anything changes: a malformed report must not fail after the install
@@ -303,7 +363,7 @@ def load_compressed(model: nn.Module, folder: str | Path) -> nn.Module:
             originals.append((path, set_submodule(model, path, module)))
         # the tensors read and verified above: the file is not read a second time.  Names absent
         # from them are the tied duplicates save_model dropped (_check_fit checked this).
-        model.load_state_dict(tensors, strict=False)
+        model.load_state_dict(tensors, strict=False, assign=assign)
     except BaseException:
         for path, original in reversed(originals):
             set_submodule(model, path, original)
@@ -381,3 +441,95 @@ def _report_from(saved: dict):
     skipped = [SkippedSite(**s) for s in data["skipped"]]
     fields = {k: v for k, v in data.items() if k not in ("sites", "skipped", "params_removed")}
     return OptimizeReport(**fields, sites=sites, skipped=skipped)
+
+
+def from_pretrained(folder: str | Path) -> nn.Module:
+    """The compressed model saved in ``folder``, rebuilt from the folder alone (no original model).
+
+    The model is constructed from ``config.json`` on the meta device, so no dense weight is ever
+    allocated and no SVD runs; the recipe's modules go in and the verified tensors of
+    ``model.safetensors`` are adopted as its parameters, tied ones tied again; tables computed from the
+    config (rotary frequencies) are computed again.  The model
+    is returned in eval mode with its report attached, computing exactly what the saved one did.
+
+    Refused with a :class:`CheckpointError`: a folder that is not a neuronmm_fx checkpoint, one
+    saved without a config (a model that is not a Hugging Face model: build it and use
+    :func:`load_compressed`), a config file changed after saving, a model class transformers does not
+    have, and any check :func:`load_compressed` makes.
+    """
+    folder = Path(folder)
+    saved, tensors = _read(folder)
+    standalone = saved.get("standalone")
+    if not isinstance(standalone, dict):
+        raise CheckpointError(
+            f"{folder} was saved without the model's config, so it cannot be loaded on its own: build the "
+            "model and call load_compressed(model, folder)"
+        )
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file() or _file_digest(config_path) != standalone.get("config_sha256"):
+        raise CheckpointError(f"{config_path} is missing or was changed after saving")
+    try:
+        import transformers
+    except ImportError as error:
+        raise CheckpointError(
+            f"from_pretrained needs transformers (pip install 'neuronmm_fx[models]'): {error}"
+        ) from None
+    model_class = getattr(transformers, saved["model_class"], None)
+    if not (isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel)):
+        raise CheckpointError(f"transformers has no model class {saved['model_class']!r}")
+    config = transformers.AutoConfig.from_pretrained(str(folder))
+    dtype = _saved_dtype(tensors)
+    default_dtype = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(dtype)  # the parameters' dtype, which the load checks against
+        with torch.device("meta"):  # shapes only: not one weight is allocated
+            model = model_class(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    replaced = tuple(f"{path}." for path in saved["replaced"])
+    groups = ([name for name in group if not name.startswith(replaced)] for group in _tie_groups(model))
+    tied = [group for group in groups if len(group) > 1]  # e.g. the LM head and the embedding
+    _load_into(model, saved, tensors, assign=True)
+    for group in tied:  # the checkpoint holds one name of each group: the others take that tensor
+        loaded = next(name for name in group if name in tensors)
+        for name in group:
+            module_path, _, attribute = name.rpartition(".")
+            setattr(model.get_submodule(module_path), attribute, model.get_parameter(loaded))
+    _compute_buffers(model, config)
+    left = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:
+        raise CheckpointError(f"the checkpoint leaves {len(left)} tensor(s) without values: {left[:5]}")
+    return model.eval()
+
+
+def _compute_buffers(model: nn.Module, config) -> None:
+    """Give real values to the buffers the meta construction left empty: the tables a module computes
+    from the config (rotary frequencies), never saved.  Each module holding such a buffer, which must
+    have no parameters, is built again on the CPU from the config and its buffers taken."""
+    for path, module in model.named_modules():
+        if not any(b.is_meta for b in module.buffers(recurse=False)):
+            continue
+        if any(True for _ in module.parameters()):
+            raise CheckpointError(f"{path} holds parameters and buffers that were never saved")
+        try:
+            with torch.device("cpu"):
+                fresh = type(module)(config=config)
+        except Exception as error:  # the constructor wants more than the config
+            raise CheckpointError(
+                f"cannot compute the buffers of {path} ({type(module).__name__}) from the config: {error}"
+            ) from None
+        for name, buffer in module.named_buffers(recurse=False):
+            value = fresh.get_buffer(name) if buffer.is_meta else buffer
+            if value.shape != buffer.shape:
+                raise CheckpointError(f"{path}.{name} computed from the config has another shape")
+            setattr(module, name, value)  # stays the buffer it was, persistent or not
+
+
+def _saved_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
+    """The floating dtype of the saved parameters (they share one: ``optimize`` keeps the model's)."""
+    dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    if len(dtypes) != 1:
+        raise CheckpointError(
+            f"the checkpoint's floating tensors do not share one dtype: {sorted(map(str, dtypes))}"
+        )
+    return dtypes.pop()

@@ -128,8 +128,10 @@ def _optimize(model, args, tokenizer=None) -> torch.nn.Module:
     if args.dump_dir:
         print(f"graph dumps written to {args.dump_dir}")
     if args.save:
-        neuronmm_fx.save_compressed(optimized, args.save)
-        print(f"compressed model saved to {args.save}")
+        # the command line loads Hugging Face models: config and tokenizer go along, so that the
+        # folder stands alone
+        neuronmm_fx.save_compressed(optimized, args.save, tokenizer=tokenizer)
+        print(f"compressed model saved to {args.save} (load it with neuronmm_fx.from_pretrained)")
     return optimized
 
 

@@ -7,6 +7,7 @@ import sys
 import networkx as nx
 import pydot
 import pytest
+import torch
 from helpers import tiny_model
 
 import neuronmm_fx
@@ -82,3 +83,11 @@ def test_cli_optimizes_a_saved_model_and_saves_the_result(tmp_path, capsys):
     assert [s["path"] for s in report["sites"]] == ["model.layers.0.mlp", "model.layers.1.mlp"]
     assert (tmp_path / "out" / "model.safetensors").is_file()
     assert (tmp_path / "out" / "neuronmm_recipe.json").is_file()
+    # the saved folder stands alone: the model comes back from it without the original
+    ids = torch.randint(0, 100, (1, 6))
+    loaded = neuronmm_fx.from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        assert torch.equal(
+            loaded(ids).logits,
+            neuronmm_fx.load_compressed(tiny_model("llama", seed=5), tmp_path / "out")(ids).logits,
+        )
