@@ -250,8 +250,19 @@ def _integrity(saved: dict) -> str:
     return hashlib.sha256(json.dumps(relied, sort_keys=True).encode()).hexdigest()
 
 
-def _read(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The recipe and the tensors of a checkpoint folder, each verified against the other."""
+def read_report(folder: str | Path):
+    """The :class:`~neuronmm_fx.report.OptimizeReport` a checkpoint was saved with, and its recipe,
+    read without loading the weights (the recipe's own integrity is checked, the tensors' is not:
+    :func:`from_pretrained` and :func:`load_compressed` check those)."""
+    saved = _read_recipe(Path(folder))
+    try:
+        return _report_from(saved), saved
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"the recipe's report is malformed ({type(error).__name__}: {error})") from None
+
+
+def _read_recipe(folder: Path) -> dict:
+    """The recipe of a checkpoint folder: valid JSON of a readable format, complete and unedited."""
     recipe_path, weights_path = folder / RECIPE_FILE, folder / WEIGHTS_FILE
     if not recipe_path.is_file() or not weights_path.is_file():
         raise CheckpointError(
@@ -277,6 +288,13 @@ def _read(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
             f"{recipe_path} was edited after saving: its model class, replaced modules or tensor table "
             "no longer match its integrity digest"
         )
+    return saved
+
+
+def _read(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The recipe and the tensors of a checkpoint folder, each verified against the other."""
+    saved = _read_recipe(folder)
+    weights_path = folder / WEIGHTS_FILE
     try:
         tensors = load_file(str(weights_path))
     except Exception as error:  # truncated, not safetensors, unreadable

@@ -1,6 +1,14 @@
-"""Command line: ``neuronmm-fx demo`` (the bundled SmolLM2-135M end to end) and ``neuronmm-fx optimize``.
+"""Command line ``neuronmm-fx``.
 
-Exit codes: 0 success, 1 a refused model or input (the message says why), 2 bad command-line usage.
+* ``demo``: the bundled SmolLM2-135M end to end.
+* ``compress MODEL`` (alias ``optimize``): compress a model, print the report, ``--save DIR``.
+* ``inspect DIR``: the report a compressed checkpoint was saved with (``--json``).
+* ``eval MODEL --text FILE [--against DENSE]``: perplexity, and KL / top-1 agreement against a dense
+  model (``--json``).
+
+``MODEL`` is a saved Hugging Face folder, a ``.gguf`` file, a compressed checkpoint folder (``eval``)
+or ``smollm2`` for the bundled model.  Exit codes: 0 success, 1 a refused model or input (one
+``neuronmm-fx: error:`` line says why), 2 bad command-line usage.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from pathlib import Path
 import torch
 
 import neuronmm_fx
+from neuronmm_fx.checkpoint import RECIPE_FILE, read_report
 from neuronmm_fx.config import ALLOCATIONS, METHODS, OptimizeConfig
 from neuronmm_fx.errors import ConfigError, NeuronMMError, UnsupportedModelError
 
@@ -76,14 +85,55 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokens of the shipped text to score (default: %(default)s)",
     )
 
-    optimize = commands.add_parser(
-        "optimize", help="optimize a local Hugging Face causal LM and print the report"
+    compress = commands.add_parser(
+        "compress", aliases=["optimize"], help="compress a causal LM, print the report, optionally save it"
     )
-    optimize.add_argument(
-        "model", type=Path, help="folder of a saved model (config.json + weights) or a .gguf file"
+    compress.add_argument("model", help=f"{MODEL_FORMS} (no compressed checkpoint)")
+    _common_options(compress)
+
+    inspect = commands.add_parser("inspect", help="the report of a saved compressed model")
+    inspect.add_argument("checkpoint", type=Path, help="a folder written by --save / save_compressed")
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    evaluate = commands.add_parser(
+        "eval", help="perplexity on a text, and KL / top-1 agreement against a dense model"
     )
-    _common_options(optimize)
+    evaluate.add_argument("model", help=f"{MODEL_FORMS}, or a compressed checkpoint folder")
+    evaluate.add_argument("--text", type=Path, required=True, help="a UTF-8 text file to score")
+    evaluate.add_argument("--against", help="the dense model to compare with (same forms)")
+    evaluate.add_argument(
+        "--tokens", type=int, default=4096, help="score at most this many tokens (default: %(default)s)"
+    )
+    evaluate.add_argument(
+        "--seq-len", type=int, default=512, help="window length in tokens (default: %(default)s)"
+    )
+    evaluate.add_argument("--json", action="store_true", help="print the figures as JSON")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
+
+
+MODEL_FORMS = "a saved Hugging Face folder, a .gguf file, or 'smollm2' (the bundled model)"
+BUNDLED = "smollm2"
+
+
+def _load_model(spec: str):
+    """``(model, tokenizer or None)`` for a command-line model: the bundled model, a compressed
+    checkpoint (:func:`neuronmm_fx.from_pretrained`), a Hugging Face folder or a .gguf file."""
+    if spec == BUNDLED:
+        from neuronmm_fx.models import load_smollm2
+
+        return load_smollm2()
+    path = Path(spec)
+    if (path / RECIPE_FILE).is_file():
+        from transformers import AutoTokenizer
+
+        model = neuronmm_fx.from_pretrained(path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError):
+            tokenizer = None
+        return model, tokenizer
+    return _load_local(path)
 
 
 def _load_local(path: Path):
@@ -202,6 +252,19 @@ def _config(args) -> neuronmm_fx.OptimizeConfig:
 
 def _check_args(args) -> None:
     """Refuse bad options and unusable paths before anything is loaded (``ConfigError``)."""
+    if args.command == "inspect":
+        if not args.checkpoint.is_dir():
+            raise ConfigError(f"{args.checkpoint} is not a folder")
+        return
+    if args.command == "eval":
+        if not args.text.is_file():
+            raise ConfigError(f"--text {args.text} is not a file")
+        if args.tokens < 2 or args.seq_len < 2:
+            raise ConfigError("--tokens and --seq-len must be at least 2")
+        _check_model(args.model, checkpoint_ok=True)
+        if args.against is not None:
+            _check_model(args.against, checkpoint_ok=True)
+        return
     _config(args)
     if args.finetune_steps < 0:
         raise ConfigError(f"--finetune-steps must be 0 or more, got {args.finetune_steps}")
@@ -213,16 +276,91 @@ def _check_args(args) -> None:
         raise ConfigError(f"--save {args.save} exists and is not an empty folder; choose another path")
     if args.report_json is not None and args.report_json.is_dir():
         raise ConfigError(f"--report-json {args.report_json} is a folder")
-    model = getattr(args, "model", None)
-    if model is not None:
-        if not model.exists():
-            raise ConfigError(f"no model at {model}")
-        if model.is_dir() and not (model / "config.json").is_file():
-            raise ConfigError(f"{model} has no config.json: not a saved Hugging Face model folder")
-        if model.is_file() and model.suffix != ".gguf":
-            raise ConfigError(f"{model} is a file but not a .gguf model")
-        if model.is_file() and model.read_bytes()[:4] != b"GGUF":
-            raise ConfigError(f"{model} is not a GGUF file (it does not start with the GGUF magic)")
+    if getattr(args, "model", None) is not None:
+        _check_model(args.model, checkpoint_ok=False)
+
+
+def _check_model(spec: str, checkpoint_ok: bool) -> None:
+    """A command-line model must be the bundled one or a path of a form the commands load."""
+    if spec == BUNDLED:
+        return
+    model = Path(spec)
+    if not model.exists():
+        raise ConfigError(f"no model at {model}")
+    if model.is_dir() and (model / RECIPE_FILE).is_file():
+        if not checkpoint_ok:
+            raise ConfigError(f"{model} is already a compressed checkpoint; compress its dense model instead")
+        return
+    if model.is_dir() and not (model / "config.json").is_file():
+        raise ConfigError(f"{model} has no config.json: not a saved Hugging Face model folder")
+    if model.is_file() and model.suffix != ".gguf":
+        raise ConfigError(f"{model} is a file but not a .gguf model")
+    if model.is_file() and model.read_bytes()[:4] != b"GGUF":
+        raise ConfigError(f"{model} is not a GGUF file (it does not start with the GGUF magic)")
+
+
+def run_inspect(args) -> None:
+    report, saved = read_report(args.checkpoint)
+    if args.json:
+        described = {
+            "checkpoint": str(args.checkpoint),
+            "model_class": saved["model_class"],
+            "format": saved["format"],
+            "library_version": saved.get("version"),
+            "standalone": saved.get("standalone") is not None,
+            **report.to_dict(),
+        }
+        print(json.dumps(described, indent=2))
+        return
+    print(
+        f"{args.checkpoint}: {saved['model_class']}, recipe format {saved['format']}, "
+        f"saved by neuronmm_fx {saved.get('version')}"
+    )
+    print(report)  # with the time each phase took
+
+
+def run_eval(args) -> None:
+    from neuronmm_fx.evaluate import perplexity, quality
+
+    model, tokenizer = _load_model(args.model)
+    dense, dense_tokenizer = _load_model(args.against) if args.against is not None else (None, None)
+    tokenizer = tokenizer or dense_tokenizer
+    if tokenizer is None:
+        raise ConfigError(f"no tokenizer next to {args.model}: save the model with its tokenizer")
+    try:
+        text = args.text.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"--text {args.text} is not UTF-8 text ({error.reason} at byte {error.start})"
+        ) from None
+    ids = tokenizer(text, return_tensors="pt").input_ids[0][: args.tokens]
+    if ids.numel() < 2:
+        raise ConfigError(f"{args.text} holds fewer than 2 tokens")
+    progress = not args.quiet
+    figures = {"text": str(args.text), "model": args.model, "against": args.against}
+    if dense is None:
+        ppl = perplexity(model, ids, seq_len=args.seq_len, progress=progress)
+        figures.update(perplexity=ppl.perplexity, tokens=ppl.tokens)
+        figures.update(dense_perplexity=None, kl=None, top1=None)
+    else:
+        dense_ppl = perplexity(dense, ids, seq_len=args.seq_len, progress=progress)
+        ppl, fid = quality(model, dense, ids, seq_len=args.seq_len, progress=progress)
+        figures.update(perplexity=ppl.perplexity, tokens=ppl.tokens, dense_perplexity=dense_ppl.perplexity)
+        figures.update(kl=fid.kl, top1=fid.top1_agreement)
+    if args.json:
+        print(json.dumps(figures, indent=2))
+        return
+    line = (
+        f"{args.model}: perplexity {figures['perplexity']:.3f} over {figures['tokens']} tokens of {args.text}"
+    )
+    if dense is not None:
+        ratio = figures["perplexity"] / figures["dense_perplexity"]
+        line += (
+            f"\n{args.against}: perplexity {figures['dense_perplexity']:.3f} ({ratio:.3f}× dense)"
+            f"\nmean KL(dense ‖ model) {figures['kl']:.4f} nats/token, top-1 agreement "
+            f"{100 * figures['top1']:.1f} %"
+        )
+    print(line)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,8 +374,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "demo":
             run_demo(args)
-        else:
-            model, tokenizer = _load_local(args.model)
+        elif args.command == "inspect":
+            run_inspect(args)
+        elif args.command == "eval":
+            run_eval(args)
+        else:  # compress, or its alias optimize
+            model, tokenizer = _load_model(args.model)
             _optimize(model, args, tokenizer)
     except (NeuronMMError, OSError) as error:
         print(f"neuronmm-fx: error: {error}", file=sys.stderr)

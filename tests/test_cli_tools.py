@@ -1,0 +1,101 @@
+"""The command-line tools on a tiny model: compress, inspect, eval; exit codes and output fields."""
+
+import json
+
+import pytest
+import torch
+from helpers import VOCAB, tiny_model
+
+from neuronmm_fx.cli import main
+
+WORDS = [f"w{i}" for i in range(VOCAB - 1)]  # with [UNK]: exactly the tiny models' vocabulary
+
+
+def _word_tokenizer():
+    """A word-level tokenizer over the tiny models' vocabulary, built in code (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocabulary = {"[UNK]": 0, **{word: i + 1 for i, word in enumerate(WORDS)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocabulary, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]")
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny dense LLaMA folder with its tokenizer, its compressed checkpoint, and a text file."""
+    root = tmp_path_factory.mktemp("tools")
+    tiny_model("llama").save_pretrained(root / "dense")
+    _word_tokenizer().save_pretrained(root / "dense")
+    generator = torch.Generator().manual_seed(0)
+    words = torch.randint(0, len(WORDS), (600,), generator=generator).tolist()
+    (root / "text.txt").write_text(" ".join(WORDS[i] for i in words))
+    args = ["compress", str(root / "dense"), "--ratio", "0.2", "--block", "8", "--method", "svd"]
+    assert main([*args, "--allocation", "uniform", "--quiet", "--save", str(root / "out")]) == 0
+    return root
+
+
+def test_compress_saves_a_folder_that_stands_alone_with_its_tokenizer(saved):
+    assert (saved / "out" / "tokenizer.json").is_file() and (saved / "out" / "config.json").is_file()
+
+
+def test_inspect_prints_the_report_and_its_json_fields(saved, capsys):
+    capsys.readouterr()
+    assert main(["inspect", str(saved / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "LlamaForCausalLM, recipe format 4" in out and "model.layers.0.mlp" in out
+    assert main(["inspect", str(saved / "out"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model_class"] == "LlamaForCausalLM" and report["standalone"] is True
+    matrices = [m for site in report["sites"] for m in site["matrices"]]
+    assert len(matrices) == 2 * 3
+    assert all({"name", "in_features", "out_features", "rank", "method"} <= set(m) for m in matrices)
+    # the uniform rule at ratio 0.2 on 64×128 matrices, block 8: 80 % of 64·128/(64+128) = 34.1 → 32
+    assert {m["method"] for m in matrices} == {"svd"} and {m["rank"] for m in matrices} == {32}
+
+
+def test_eval_against_the_dense_model_prints_its_json_fields(saved, capsys):
+    from neuronmm_fx import from_pretrained
+    from neuronmm_fx.evaluate import perplexity
+
+    capsys.readouterr()
+    args = ["eval", str(saved / "out"), "--against", str(saved / "dense"), "--text", str(saved / "text.txt")]
+    assert main([*args, "--seq-len", "64", "--json", "--quiet"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert {"perplexity", "dense_perplexity", "kl", "top1", "tokens"} <= set(figures)
+    assert 0 < figures["kl"] and 0 <= figures["top1"] <= 1
+    ids = _word_tokenizer()((saved / "text.txt").read_text(), return_tensors="pt").input_ids[0]
+    assert ids.numel() == 600
+    expected = perplexity(from_pretrained(saved / "out"), ids, seq_len=64)
+    assert figures["tokens"] == expected.tokens
+    assert figures["perplexity"] == pytest.approx(expected.perplexity, rel=1e-6)
+    assert figures["kl"] > 1e-5  # the compressed model differs from the dense one it is compared with
+
+    assert main(["eval", str(saved / "dense"), "--text", str(saved / "text.txt"), "--seq-len", "64"]) == 0
+    out = capsys.readouterr().out
+    assert f"over {expected.tokens} tokens" in out and "KL" not in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["inspect", "{root}/nowhere"], "is not a folder"),
+        (["inspect", "{root}/dense"], "is not a neuronmm_fx checkpoint"),
+        (["eval", "{root}/out", "--text", "{root}/missing.txt"], "--text {root}/missing.txt is not a file"),
+        (["eval", "{root}/out", "--text", "{root}/text.txt", "--tokens", "1"], "must be at least 2"),
+        (["compress", "{root}/out"], "is already a compressed checkpoint"),
+        (["eval", "{root}/out", "--text", "{root}/out/model.safetensors"], "is not UTF-8 text"),
+    ],
+)
+def test_bad_input_is_one_line_with_the_right_exit_code(saved, capsys, argv, message):
+    argv = [part.format(root=saved) for part in argv]
+    message = message.format(root=saved)
+    try:
+        code = main(argv)
+    except SystemExit as exit_info:  # refused by the parser's checks: usage error
+        code = exit_info.code
+    err = capsys.readouterr().err
+    assert code in (1, 2) and message in err
+    assert code == (1 if "not a neuronmm_fx checkpoint" in message or "UTF-8" in message else 2)
+    assert err.count("neuronmm-fx: error:") == 1
