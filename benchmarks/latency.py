@@ -37,10 +37,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -49,6 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import neuronmm_fx  # noqa: E402
 from neuronmm_fx import backend  # noqa: E402
+from neuronmm_fx.bench import ideals as ideal_ratios  # noqa: E402
+from neuronmm_fx.bench import summarize, timed_runs  # noqa: E402
 
 PROMPT = (
     "The tower is 324 metres tall, about the same height as an 81-storey building, and the tallest "
@@ -75,78 +75,6 @@ def load():
         return model.eval(), AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model, tokenizer = load_smollm2(dtype=torch.float32)
     return model.eval(), tokenizer
-
-
-def generate(
-    model: Callable, config, ids: torch.Tensor, new_tokens: int, logits_to_keep: int = 1
-) -> tuple[float, float, torch.Tensor]:
-    """Greedy decoding with a static cache: (prefill seconds, mean seconds per decoded token, tokens).
-    Prefill computes the logits of the last ``logits_to_keep`` positions (0: all)."""
-    from transformers import StaticCache
-
-    prompt = ids.shape[1]
-    cache = StaticCache(config=config, max_cache_len=prompt + new_tokens)
-    with torch.no_grad():
-        start = time.perf_counter()
-        out = model(
-            input_ids=ids,
-            past_key_values=cache,
-            cache_position=torch.arange(prompt),
-            use_cache=True,
-            logits_to_keep=logits_to_keep,
-        )
-        token = out.logits[:, -1:].argmax(-1)
-        prefill = time.perf_counter() - start
-        tokens = [token]
-        start = time.perf_counter()
-        for step in range(new_tokens - 1):
-            position = torch.tensor([prompt + step])
-            out = model(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True)
-            token = out.logits[:, -1:].argmax(-1)
-            tokens.append(token)
-        decode = (time.perf_counter() - start) / max(new_tokens - 1, 1)
-    return prefill, decode, torch.cat(tokens, dim=1)
-
-
-def matmul_weights(model: torch.nn.Module) -> int:
-    """Elements of the weights that a token's forward multiplies by: every linear layer (the LM head
-    included, tied or not) and every factor or dense matrix of a fused module."""
-    from neuronmm_fx.modules import CompressedMLP, LowRankLinear
-
-    total = 0
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            total += module.weight.numel()
-        elif isinstance(module, (CompressedMLP, LowRankLinear)):
-            total += sum(p.numel() for name, p in module.named_parameters() if not name.endswith("bias"))
-    return total
-
-
-def prefill_flops(model: torch.nn.Module, config, tokens: int, logits_to_keep: int) -> float:
-    """Matmul FLOPs of a ``tokens``-long causal prefill: 2·tokens·weights (the LM head's for the
-    ``logits_to_keep`` last positions only, 0 meaning all), plus attention's scores and weighted values
-    (2 products of 2·heads·head_dim FLOPs per causal query-key pair) per layer."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    pairs = tokens * (tokens + 1) / 2
-    attention = config.num_hidden_layers * 2 * 2 * config.num_attention_heads * head_dim * pairs
-    head = model.get_output_embeddings().weight.numel()
-    logit_rows = tokens if logits_to_keep == 0 else min(logits_to_keep, tokens)
-    return 2 * tokens * (matmul_weights(model) - head) + 2 * logit_rows * head + attention
-
-
-def timed_runs(variants: dict[str, Callable], config, ids, args) -> dict[str, list[tuple[float, float]]]:
-    """Warm every variant up, then time them alternately: ``repeats`` rounds, the order rotated."""
-    names = list(variants)
-    tokens, runs = {}, {name: [] for name in names}
-    for name in names:
-        start = time.perf_counter()
-        tokens[name] = generate(variants[name], config, ids, args.new_tokens, args.logits_to_keep)[2]
-        print(f"  warm-up {name:<34} {time.perf_counter() - start:6.1f} s (compiles, if any)", flush=True)
-    for round_ in range(args.repeats):
-        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
-            prefill, decode, _ = generate(variants[name], config, ids, args.new_tokens, args.logits_to_keep)
-            runs[name].append((prefill, decode))
-    return runs, tokens
 
 
 def main() -> None:
@@ -198,38 +126,29 @@ def main() -> None:
         )
         variants[f"{ratio} eager"] = compressed
         variants[f"{ratio} compiled"] = torch.compile(compressed, backend="neuronmm")
-        ideals[ratio] = (
-            prefill_flops(model, config, ids.shape[1], args.logits_to_keep)
-            / prefill_flops(compressed, config, ids.shape[1], args.logits_to_keep),
-            matmul_weights(model) / matmul_weights(compressed),
-        )
-    runs, tokens = timed_runs(variants, config, ids, args)
+        ideals[ratio] = ideal_ratios(model, compressed, config, ids.shape[1], args.logits_to_keep)
+    runs, tokens = timed_runs(
+        variants, config, ids, args.new_tokens, args.repeats, args.logits_to_keep, log=print
+    )
     forms = {r.form for r in backend.records() if r.op_counts}
     fused = sum(r.count("svd_mlp") for r in backend.records())
     print(f"neuronmm backend: {len(backend.records())} graph(s), {fused} svd_mlp site(s), handed on {forms}")
 
-    base = runs["dense compiled"]
-
-    def paired(name: str, which: int) -> tuple[float, float, float]:
-        ratios = sorted(b[which] / r[which] for b, r in zip(base, runs[name], strict=True))
-        return statistics.median(ratios), ratios[0], ratios[-1]
-
+    summary = summarize(runs, baseline="dense compiled")
     print(
         "\n| variant | prefill ms | × compiled dense (range) | FLOP ideal | of ideal "
         "| decode ms/token | × compiled dense (range) | bytes ideal | of ideal |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
-    for name, measured in runs.items():
-        prefill = statistics.median(r[0] for r in measured) * 1e3
-        decode = statistics.median(r[1] for r in measured) * 1e3
-        p_mid, p_low, p_high = paired(name, 0)
-        d_mid, d_low, d_high = paired(name, 1)
+    for name, latency in summary.items():
         ratio = float(name.split()[0]) if name[0].isdigit() else None
         flop_ideal, byte_ideal = ideals.get(ratio, (1.0, 1.0))
+        (p_low, p_high), (d_low, d_high) = latency.prefill_speedup_range, latency.decode_speedup_range
         print(
-            f"| {name} | {prefill:.1f} | {p_mid:.2f} ({p_low:.2f}–{p_high:.2f}) | {flop_ideal:.2f} "
-            f"| {p_mid / flop_ideal:.2f} | {decode:.1f} | {d_mid:.2f} ({d_low:.2f}–{d_high:.2f}) "
-            f"| {byte_ideal:.2f} | {d_mid / byte_ideal:.2f} |"
+            f"| {name} | {latency.prefill_ms:.1f} | {latency.prefill_speedup:.2f} ({p_low:.2f}–{p_high:.2f}) "
+            f"| {flop_ideal:.2f} | {latency.prefill_speedup / flop_ideal:.2f} | {latency.decode_ms:.1f} "
+            f"| {latency.decode_speedup:.2f} ({d_low:.2f}–{d_high:.2f}) | {byte_ideal:.2f} "
+            f"| {latency.decode_speedup / byte_ideal:.2f} |"
         )
     for ratio in args.ratios:
         same = torch.equal(tokens[f"{ratio} eager"], tokens[f"{ratio} compiled"])

@@ -5,6 +5,8 @@
 * ``inspect DIR``: the report a compressed checkpoint was saved with (``--json``).
 * ``eval MODEL --text FILE [--against DENSE]``: perplexity, and KL / top-1 agreement against a dense
   model (``--json``).
+* ``bench MODEL [--against DENSE]``: prefill and decode latency, eager and compiled, medians over
+  alternating rounds with their spread (``--json``; :mod:`neuronmm_fx.bench`).
 
 ``MODEL`` is a saved Hugging Face folder, a ``.gguf`` file, a compressed checkpoint folder (``eval``)
 or ``smollm2`` for the bundled model.  Exit codes: 0 success, 1 a refused model or input (one
@@ -94,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="the report of a saved compressed model")
     inspect.add_argument("checkpoint", type=Path, help="a folder written by --save / save_compressed")
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+    inspect.add_argument("--plot", type=Path, metavar="FILE.png", help="also draw the per-site ranks")
 
     evaluate = commands.add_parser(
         "eval", help="perplexity on a text, and KL / top-1 agreement against a dense model"
@@ -109,6 +112,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--json", action="store_true", help="print the figures as JSON")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    bench = commands.add_parser(
+        "bench", help="prefill and decode latency, eager and compiled, against a dense model if given"
+    )
+    bench.add_argument("model", help=f"{MODEL_FORMS}, or a compressed checkpoint folder")
+    bench.add_argument("--against", help="the dense model to time alongside (same forms)")
+    bench.add_argument("--prompt-tokens", type=int, default=64, help="prompt length (default: %(default)s)")
+    bench.add_argument("--new-tokens", type=int, default=16, help="tokens decoded (default: %(default)s)")
+    bench.add_argument("--repeats", type=int, default=9, help="timed rounds (default: %(default)s)")
+    bench.add_argument("--no-compile", action="store_true", help="eager variants only")
+    bench.add_argument("--json", action="store_true", help="print the figures as JSON")
+    bench.add_argument("--plot", type=Path, metavar="FILE.png", help="also draw the latencies")
+    bench.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
@@ -234,6 +250,75 @@ def run_demo(args) -> None:
         print("(plain truncated SVD ruins small models; the default method whitens, see the README)")
 
 
+def run_bench(args) -> None:
+    from neuronmm_fx import bench
+
+    model, _ = _load_model(args.model)
+    dense = _load_model(args.against)[0] if args.against is not None else None
+    config = model.config
+    vocabulary = config.vocab_size
+    # the prompt: seeded random token ids (latency does not depend on what the tokens say)
+    ids = torch.randint(0, vocabulary, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
+    variants = {}
+    for label, candidate in (("dense", dense), ("model", model)):
+        if candidate is None:
+            continue
+        variants[f"{label} eager"] = candidate
+        if not args.no_compile:
+            backend_name = "inductor" if label == "dense" else "neuronmm"
+            variants[f"{label} compiled"] = torch.compile(candidate, backend=backend_name)
+    baseline = next(
+        name
+        for name in ("dense compiled", "dense eager", "model compiled", "model eager")
+        if name in variants
+    )
+    log = None if args.quiet or args.json else print
+    runs, tokens = bench.timed_runs(
+        variants, config, ids, args.new_tokens, args.repeats, progress=not args.quiet, log=log
+    )
+    summary = bench.summarize(runs, baseline)
+    if args.plot is not None:
+        from neuronmm_fx.plots import plot_latency
+
+        plot_latency(summary, args.plot, title=f"{args.model} ({torch.get_num_threads()} threads)")
+    ideal = bench.ideals(dense, model, config, args.prompt_tokens) if dense is not None else None
+    figures = {
+        "model": args.model,
+        "against": args.against,
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "baseline": baseline,
+        "flop_ideal": ideal[0] if ideal else None,
+        "weight_bytes_ideal": ideal[1] if ideal else None,
+        "variants": {name: latency.to_dict() for name, latency in summary.items()},
+        # greedy tokens of the compiled variant equal the eager one's, per model
+        "compiled_matches_eager": {
+            label: torch.equal(tokens[f"{label} eager"], tokens[f"{label} compiled"])
+            for label in ("dense", "model")
+            if f"{label} compiled" in tokens
+        },
+    }
+    if args.json:
+        print(json.dumps(figures, indent=2))
+        return
+    print(
+        f"{args.model}: prompt {args.prompt_tokens} tokens, {args.new_tokens} decoded, {args.repeats} "
+        f"rounds, {torch.get_num_threads()} threads; speed-ups are medians of per-round ratios "
+        f"against {baseline}"
+    )
+    print(f"{'variant':<16} {'prefill ms':>11} {'×':>6} {'decode ms/token':>16} {'×':>6}")
+    for name, latency in summary.items():
+        print(
+            f"{name:<16} {latency.prefill_ms:>11.1f} {latency.prefill_speedup:>6.2f} "
+            f"{latency.decode_ms:>16.2f} {latency.decode_speedup:>6.2f}"
+        )
+    if ideal is not None:
+        print(f"ideals against dense: prefill FLOPs {ideal[0]:.2f}×, decode weight bytes {ideal[1]:.2f}×")
+    for label, same in figures["compiled_matches_eager"].items():
+        print(f"{label}: compiled and eager greedy tokens {'equal' if same else 'DIFFER'}")
+
+
 def _config(args) -> neuronmm_fx.OptimizeConfig:
     """The options as the ``OptimizeConfig`` ``optimize()`` runs with (validated: ``ConfigError``)."""
     return neuronmm_fx.OptimizeConfig(
@@ -252,9 +337,24 @@ def _config(args) -> neuronmm_fx.OptimizeConfig:
 
 def _check_args(args) -> None:
     """Refuse bad options and unusable paths before anything is loaded (``ConfigError``)."""
+    plot = getattr(args, "plot", None)
+    if plot is not None:
+        if plot.suffix.lower() != ".png" or plot.is_dir() or not plot.parent.is_dir():
+            raise ConfigError(f"--plot {plot} must be a .png file in an existing folder")
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ConfigError("--plot needs matplotlib: pip install 'neuronmm_fx[plots]'") from None
     if args.command == "inspect":
         if not args.checkpoint.is_dir():
             raise ConfigError(f"{args.checkpoint} is not a folder")
+        return
+    if args.command == "bench":
+        if min(args.prompt_tokens, args.new_tokens, args.repeats) < 1:
+            raise ConfigError("--prompt-tokens, --new-tokens and --repeats must be at least 1")
+        _check_model(args.model, checkpoint_ok=True)
+        if args.against is not None:
+            _check_model(args.against, checkpoint_ok=True)
         return
     if args.command == "eval":
         if not args.text.is_file():
@@ -301,6 +401,10 @@ def _check_model(spec: str, checkpoint_ok: bool) -> None:
 
 def run_inspect(args) -> None:
     report, saved = read_report(args.checkpoint)
+    if args.plot is not None:
+        from neuronmm_fx.plots import plot_ranks
+
+        plot_ranks(report, args.plot, title=f"{saved['model_class']}: ranks per compressed site")
     if args.json:
         described = {
             "checkpoint": str(args.checkpoint),
@@ -378,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
             run_inspect(args)
         elif args.command == "eval":
             run_eval(args)
+        elif args.command == "bench":
+            run_bench(args)
         else:  # compress, or its alias optimize
             model, tokenizer = _load_model(args.model)
             _optimize(model, args, tokenizer)

@@ -99,3 +99,55 @@ def test_bad_input_is_one_line_with_the_right_exit_code(saved, capsys, argv, mes
     assert code in (1, 2) and message in err
     assert code == (1 if "not a neuronmm_fx checkpoint" in message or "UTF-8" in message else 2)
     assert err.count("neuronmm-fx: error:") == 1
+
+
+def test_bench_times_every_variant_against_the_dense_model(saved, capsys):
+    capsys.readouterr()
+    args = ["bench", str(saved / "out"), "--against", str(saved / "dense"), "--prompt-tokens", "8"]
+    assert main([*args, "--new-tokens", "3", "--repeats", "3", "--no-compile", "--json", "--quiet"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["baseline"] == "dense eager" and set(figures["variants"]) == {"dense eager", "model eager"}
+    fields = {"prefill_ms", "prefill_range_ms", "decode_ms", "decode_range_ms", "prefill_speedup"}
+    for latency in figures["variants"].values():
+        assert fields <= set(latency) and latency["prefill_ms"] > 0 and latency["decode_ms"] > 0
+        low, high = latency["prefill_range_ms"]
+        assert low <= latency["prefill_ms"] <= high
+    assert figures["variants"]["dense eager"]["prefill_speedup"] == 1.0  # the baseline against itself
+    assert figures["flop_ideal"] > 1 and figures["weight_bytes_ideal"] > 1  # the factors are smaller
+
+
+def test_bench_compiles_the_compressed_model_with_the_backend(saved, capsys):
+    from neuronmm_fx import backend
+
+    backend.clear_records()
+    capsys.readouterr()
+    args = ["bench", str(saved / "out"), "--prompt-tokens", "8", "--new-tokens", "2", "--repeats", "1"]
+    assert main([*args, "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "model compiled" in out and "model: compiled and eager greedy tokens equal" in out
+    assert backend.records() and all(r.count("svd_mlp") == 2 for r in backend.records())
+
+
+def test_plots_have_titles_and_labelled_axes(saved, tmp_path, capsys):
+    from neuronmm_fx import bench
+    from neuronmm_fx.checkpoint import read_report
+    from neuronmm_fx.plots import plot_latency, plot_ranks
+
+    assert main(["inspect", str(saved / "out"), "--plot", str(tmp_path / "ranks.png")]) == 0
+    assert (tmp_path / "ranks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report, _ = read_report(saved / "out")
+    figure = plot_ranks(report, tmp_path / "again.png")
+    for axes in figure.axes:
+        assert axes.get_title() and axes.get_xlabel() and axes.get_ylabel()
+    heights = sorted({round(p.get_height()) for p in figure.axes[0].patches})
+    assert heights == [32]  # every matrix at its rank
+    runs = {"a": [(0.010, 0.002), (0.012, 0.003)], "b": [(0.020, 0.004), (0.018, 0.004)]}
+    figure = plot_latency(bench.summarize(runs, "a"), tmp_path / "latency.png", title="t")
+    assert [axes.get_ylabel() for axes in figure.axes] == ["prefill (ms)", "decode (ms/token)"]
+    assert all(axes.get_title().startswith("t: ") and axes.get_xlabel() == "variant" for axes in figure.axes)
+    assert [round(p.get_height(), 3) for p in figure.axes[0].patches] == [11.0, 19.0]  # medians, ms
+    capsys.readouterr()
+    bad = ["inspect", str(saved / "out"), "--plot", str(tmp_path / "ranks.jpg")]
+    with pytest.raises(SystemExit) as exit_info:
+        main(bad)
+    assert exit_info.value.code == 2 and "must be a .png file" in capsys.readouterr().err

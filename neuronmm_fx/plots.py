@@ -1,0 +1,96 @@
+"""Charts of what the tools measure, as PNG files (matplotlib, the optional extra ``plots``).
+
+* :func:`plot_ranks`: per compressed site, the rank of each matrix (a matrix left dense is drawn at
+  its full rank, hatched) and the share of the site's parameters kept;
+* :func:`plot_latency`: per variant, prefill and decode latency (medians, with the range over the
+  rounds as error bars).
+
+Each function writes the file and returns the matplotlib ``Figure`` (built without pyplot, so no
+display or global state is involved); every chart has a title and labelled axes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from neuronmm_fx.errors import ConfigError
+
+
+def _figure(rows: int, width: float, height: float):
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ConfigError("plots need matplotlib: pip install 'neuronmm_fx[plots]'") from None
+    figure = Figure(figsize=(width, height), layout="constrained")
+    return figure, figure.subplots(rows, 1, squeeze=False)[:, 0]
+
+
+def plot_ranks(report, path: str | Path, title: str = "Ranks per compressed site"):
+    """Bar chart of an :class:`~neuronmm_fx.report.OptimizeReport`'s ranks and kept parameters."""
+    sites = report.sites
+    if not sites:
+        raise ConfigError("the report has no compressed site to plot")
+    roles = list(dict.fromkeys(m.role for site in sites for m in site.matrices))
+    figure, (ranks, kept) = _figure(2, max(6.0, 0.35 * len(sites) * len(roles)), 6.5)
+    width = 0.8 / len(roles)
+    positions = range(len(sites))
+    for index, role in enumerate(roles):
+        for position, site in zip(positions, sites, strict=True):
+            matrix = next((m for m in site.matrices if m.role == role), None)
+            if matrix is None:
+                continue
+            dense = matrix.rank is None
+            height = min(matrix.in_features, matrix.out_features) if dense else matrix.rank
+            ranks.bar(
+                position + (index - (len(roles) - 1) / 2) * width,
+                height,
+                width,
+                color=f"C{index}",
+                hatch="//" if dense else None,
+                alpha=0.45 if dense else 1.0,
+            )
+    labels = [site.path.removeprefix("model.") or "<root>" for site in sites]
+    ranks.set_title(f"{title} (ratio {report.ratio}, block {report.block}; hatched: left dense)")
+    ranks.set_ylabel("rank")
+    ranks.set_xlabel("site")
+    ranks.set_xticks(list(positions), labels, rotation=90, fontsize=7)
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=f"C{index}", label=role) for index, role in enumerate(roles)]
+    handles.append(Patch(facecolor="white", edgecolor="black", hatch="//", label="left dense (full rank)"))
+    ranks.legend(handles=handles, title="matrix", fontsize=8)
+    shares = [100 * site.params_after / site.params_before for site in sites]
+    kept.bar(list(positions), shares, color="C7")
+    kept.axhline(
+        100 * (1 - report.ratio), color="C3", linestyle="--", label=f"1 − ratio = {1 - report.ratio:.0%}"
+    )
+    kept.set_title("Parameters kept per site")
+    kept.set_ylabel("kept (%)")
+    kept.set_xlabel("site")
+    kept.set_xticks(list(positions), labels, rotation=90, fontsize=7)
+    kept.legend(fontsize=8)
+    figure.savefig(path, dpi=120)
+    return figure
+
+
+def plot_latency(summary: dict, path: str | Path, title: str = "Latency"):
+    """Bars of prefill and decode latency per variant (``{name: Latency}`` of
+    :func:`neuronmm_fx.bench.summarize`), the range over the rounds as error bars."""
+    if not summary:
+        raise ConfigError("no variant to plot")
+    figure, (prefill, decode) = _figure(2, max(6.0, 1.2 * len(summary)), 6.0)
+    names = list(summary)
+    for axes, field, label in ((prefill, "prefill", "prefill (ms)"), (decode, "decode", "decode (ms/token)")):
+        medians = [getattr(summary[name], f"{field}_ms") for name in names]
+        ranges = [getattr(summary[name], f"{field}_range_ms") for name in names]
+        errors = [
+            [m - low for m, (low, _) in zip(medians, ranges, strict=True)],
+            [high - m for m, (_, high) in zip(medians, ranges, strict=True)],
+        ]
+        axes.bar(names, medians, yerr=errors, capsize=4, color=[f"C{i}" for i in range(len(names))])
+        axes.set_ylabel(label)
+        axes.set_xlabel("variant")
+    prefill.set_title(f"{title}: prefill (median, range over rounds)")
+    decode.set_title(f"{title}: decode per token (median, range over rounds)")
+    figure.savefig(path, dpi=120)
+    return figure
