@@ -250,15 +250,29 @@ def run_demo(args) -> None:
         print("(plain truncated SVD ruins small models; the default method whitens, see the README)")
 
 
+def _check_same_shape(model, dense, args) -> None:
+    """``--against`` must be the same architecture as the model (same class, vocabulary, depth, width)."""
+    fields = ("vocab_size", "num_hidden_layers", "hidden_size")
+    mine = (type(model).__name__, *(getattr(model.config, f, None) for f in fields))
+    theirs = (type(dense).__name__, *(getattr(dense.config, f, None) for f in fields))
+    if mine != theirs:
+        raise ConfigError(
+            f"--against {args.against} is another architecture than {args.model} "
+            f"(class, {', '.join(fields)}: {theirs} vs {mine})"
+        )
+
+
 def run_bench(args) -> None:
     from neuronmm_fx import bench
 
     model, _ = _load_model(args.model)
     dense = _load_model(args.against)[0] if args.against is not None else None
+    if dense is not None:
+        _check_same_shape(model, dense, args)
     config = model.config
-    vocabulary = config.vocab_size
     # the prompt: seeded random token ids (latency does not depend on what the tokens say)
-    ids = torch.randint(0, vocabulary, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (1, args.prompt_tokens), generator=generator)
     variants = {}
     for label, candidate in (("dense", dense), ("model", model)):
         if candidate is None:
@@ -428,6 +442,8 @@ def run_eval(args) -> None:
 
     model, tokenizer = _load_model(args.model)
     dense, dense_tokenizer = _load_model(args.against) if args.against is not None else (None, None)
+    if dense is not None:
+        _check_same_shape(model, dense, args)
     tokenizer = tokenizer or dense_tokenizer
     if tokenizer is None:
         raise ConfigError(f"no tokenizer next to {args.model}: save the model with its tokenizer")

@@ -27,6 +27,7 @@ def saved(tmp_path_factory):
     """A tiny dense LLaMA folder with its tokenizer, its compressed checkpoint, and a text file."""
     root = tmp_path_factory.mktemp("tools")
     tiny_model("llama").save_pretrained(root / "dense")
+    tiny_model("qwen3").save_pretrained(root / "other")
     _word_tokenizer().save_pretrained(root / "dense")
     generator = torch.Generator().manual_seed(0)
     words = torch.randint(0, len(WORDS), (600,), generator=generator).tolist()
@@ -86,6 +87,10 @@ def test_eval_against_the_dense_model_prints_its_json_fields(saved, capsys):
         (["eval", "{root}/out", "--text", "{root}/text.txt", "--tokens", "1"], "must be at least 2"),
         (["compress", "{root}/out"], "is already a compressed checkpoint"),
         (["eval", "{root}/out", "--text", "{root}/out/model.safetensors"], "is not UTF-8 text"),
+        (
+            ["eval", "{root}/out", "--against", "{root}/other", "--text", "{root}/text.txt"],
+            "another architecture",
+        ),
     ],
 )
 def test_bad_input_is_one_line_with_the_right_exit_code(saved, capsys, argv, message):
@@ -97,7 +102,8 @@ def test_bad_input_is_one_line_with_the_right_exit_code(saved, capsys, argv, mes
         code = exit_info.code
     err = capsys.readouterr().err
     assert code in (1, 2) and message in err
-    assert code == (1 if "not a neuronmm_fx checkpoint" in message or "UTF-8" in message else 2)
+    refused_after_loading = ("not a neuronmm_fx checkpoint", "UTF-8", "another architecture")
+    assert code == (1 if any(reason in message for reason in refused_after_loading) else 2)
     assert err.count("neuronmm-fx: error:") == 1
 
 
