@@ -7,7 +7,7 @@ kernels on the CPU stand-in for NKI in shape-only mode (kernel code executed, ha
 no values computed).  Times and utilisations are a roofline model -- max(TensorE cycles / clock,
 HBM bytes / bandwidth) with the per-instruction cycle estimate of docs/kernels.md -- not measurements.
 
-Run: python benchmarks/kernel_traffic.py [--models 1B,3B,8B] [--tokens 1,128,...] [--jobs 2]
+Run: python benchmarks/kernel_traffic.py [--models 1B,3B,8B] [--tokens 1,128,...] [--jobs 2] [--plot F.png]
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     ap.add_argument("--targets", default=",".join(TARGETS))
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--plot", metavar="FILE.png", help="also draw traffic against tokens (matplotlib)")
     args = ap.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     tokens = [int(t) for t in args.tokens.split(",")]
@@ -132,6 +133,12 @@ def main(argv=None) -> int:
         f"in {len(results) * 3 - len(mism)}/{len(results) * 3} runs."
     )
     print(f"({len(jobs)} shapes x 3 kernels analysed in {elapsed:.1f} s with {args.jobs} worker(s))")
+    if args.plot:
+        from neuronmm_fx.plots import plot_traffic
+
+        named = [{**res, "key": MODELS[res["key"]][0]} for res in results]
+        plot_traffic(named, args.plot, title="HBM traffic of X·U·V kernels, bf16, ratio 0.2 (stand-in count)")
+        print(f"plot written to {args.plot}")
     return 0 if not mism else 1
 
 

@@ -3,7 +3,8 @@
 * :func:`plot_ranks`: per compressed site, the rank of each matrix (a matrix left dense is drawn at
   its full rank, hatched) and the share of the site's parameters kept;
 * :func:`plot_latency`: per variant, prefill and decode latency (medians, with the range over the
-  rounds as error bars).
+  rounds as error bars);
+* :func:`plot_traffic`: HBM traffic of the kernels against the token count (the kernel benchmark).
 
 Each function writes the file and returns the matplotlib ``Figure`` (built without pyplot, so no
 display or global state is involved); every chart has a title and labelled axes.
@@ -16,13 +17,14 @@ from pathlib import Path
 from neuronmm_fx.errors import ConfigError
 
 
-def _figure(rows: int, width: float, height: float):
+def _figure(rows: int, width: float, height: float, columns: int = 1):
+    """A matplotlib ``Figure`` (no pyplot) and its ``rows × columns`` axes, flattened."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
         raise ConfigError("plots need matplotlib: pip install 'neuronmm_fx[plots]'") from None
     figure = Figure(figsize=(width, height), layout="constrained")
-    return figure, figure.subplots(rows, 1, squeeze=False)[:, 0]
+    return figure, list(figure.subplots(rows, columns, squeeze=False).flat)
 
 
 def plot_ranks(report, path: str | Path, title: str = "Ranks per compressed site"):
@@ -92,5 +94,36 @@ def plot_latency(summary: dict, path: str | Path, title: str = "Latency"):
         axes.set_xlabel("variant")
     prefill.set_title(f"{title}: prefill (median, range over rounds)")
     decode.set_title(f"{title}: decode per token (median, range over rounds)")
+    figure.savefig(path, dpi=120)
+    return figure
+
+
+def plot_traffic(rows: list[dict], path: str | Path, title: str = "HBM traffic of X·U·V kernels"):
+    """Log-log lines of HBM bytes against tokens, one panel per (shape, target): dense X·W, unfused
+    and fused X·U·V, and the compulsory traffic.  ``rows`` are ``benchmarks/kernel_traffic.py``'s
+    (keys ``key``, ``target``, ``M``, ``compulsory`` and per variant ``{"hbm": bytes}``)."""
+    panels = list(dict.fromkeys((row["key"], row["target"]) for row in rows))
+    if not panels:
+        raise ConfigError("no traffic row to plot")
+    columns = 2 if len(panels) > 1 else 1
+    count = -(-len(panels) // columns)
+    figure, grid = _figure(count, 5.5 * columns, 3.6 * count, columns)
+    for axes, (key, target) in zip(grid, panels, strict=False):
+        chosen = sorted(
+            (row for row in rows if (row["key"], row["target"]) == (key, target)), key=lambda r: r["M"]
+        )
+        tokens = [row["M"] for row in chosen]
+        for variant, style in (("dense", "-"), ("unfused", "--"), ("fused", "-")):
+            axes.plot(tokens, [row[variant]["hbm"] / 1e6 for row in chosen], style, marker="o", label=variant)
+        axes.plot(tokens, [row["compulsory"] / 1e6 for row in chosen], ":", color="black", label="compulsory")
+        axes.set_xscale("log", base=2)
+        axes.set_yscale("log")
+        axes.set_title(f"{key} up_proj on {target}")
+        axes.set_xlabel("tokens M")
+        axes.set_ylabel("HBM traffic (MB)")
+        axes.legend(fontsize=7)
+    for axes in grid[len(panels) :]:
+        axes.set_visible(False)
+    figure.suptitle(title)
     figure.savefig(path, dpi=120)
     return figure

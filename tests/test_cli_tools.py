@@ -157,3 +157,26 @@ def test_plots_have_titles_and_labelled_axes(saved, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(bad)
     assert exit_info.value.code == 2 and "must be a .png file" in capsys.readouterr().err
+
+
+def test_the_traffic_plot_draws_every_variant_per_shape_and_target(tmp_path):
+    from neuronmm_fx.plots import plot_traffic
+
+    def row(key, target, tokens):
+        return {
+            "key": key,
+            "target": target,
+            "M": tokens,
+            "compulsory": 10e6 * tokens,
+            **{v: {"hbm": (11 + i) * 1e6 * tokens} for i, v in enumerate(("dense", "unfused", "fused"))},
+        }
+
+    rows = [row(key, "trn2", m) for key in ("A", "B", "C") for m in (1, 128, 512)]
+    figure = plot_traffic(rows, tmp_path / "traffic.png")
+    shown = [axes for axes in figure.axes if axes.get_visible()]
+    assert [axes.get_title() for axes in shown] == [f"{k} up_proj on trn2" for k in "ABC"]
+    for axes in shown:
+        assert axes.get_xlabel() == "tokens M" and axes.get_ylabel() == "HBM traffic (MB)"
+        assert [line.get_label() for line in axes.get_lines()] == ["dense", "unfused", "fused", "compulsory"]
+        assert list(axes.get_lines()[3].get_ydata()) == [10.0, 1280.0, 5120.0]  # MB
+    assert len(figure.axes) == 4 and not figure.axes[3].get_visible()  # 3 panels on a 2×2 grid
