@@ -3,8 +3,8 @@
 * ``demo``: the bundled SmolLM2-135M end to end.
 * ``compress MODEL`` (alias ``optimize``): compress a model, print the report, ``--save DIR``.
 * ``inspect DIR``: the report a compressed checkpoint was saved with (``--json``).
-* ``eval MODEL --text FILE [--against DENSE]``: perplexity, and KL / top-1 agreement against a dense
-  model (``--json``).
+* ``eval MODEL --text FILE [--against DENSE] [--tasks NAMES]``: perplexity, and KL / top-1
+  agreement against a dense model; lm-eval tasks through :mod:`neuronmm_fx.harness` (``--json``).
 * ``bench MODEL [--against DENSE]``: prefill and decode latency, eager and compiled, medians over
   alternating rounds with their spread (``--json``; :mod:`neuronmm_fx.bench`).
 
@@ -109,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument(
         "--seq-len", type=int, default=512, help="window length in tokens (default: %(default)s)"
+    )
+    evaluate.add_argument(
+        "--tasks",
+        metavar="NAMES",
+        help="also run lm-eval tasks on the model (comma list; 'neuronmm_text' scores --text offline)",
     )
     evaluate.add_argument("--json", action="store_true", help="print the figures as JSON")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -467,9 +472,19 @@ def run_eval(args) -> None:
         ppl, fid = quality(model, dense, ids, seq_len=args.seq_len, progress=progress)
         figures.update(perplexity=ppl.perplexity, tokens=ppl.tokens, dense_perplexity=dense_ppl.perplexity)
         figures.update(kl=fid.kl, top1=fid.top1_agreement)
+    if args.tasks:
+        from neuronmm_fx.harness import run_lm_eval
+
+        tasks = [name.strip() for name in args.tasks.split(",") if name.strip()]
+        figures["lm_eval"] = run_lm_eval(model, tokenizer, tasks, text=args.text, max_length=args.seq_len)
     if args.json:
         print(json.dumps(figures, indent=2))
         return
+    for task, metrics in figures.get("lm_eval", {}).items():
+        shown = ", ".join(
+            f"{name.split(',')[0]} {value:.4f}" for name, value in metrics.items() if isinstance(value, float)
+        )
+        print(f"lm-eval {task}: {shown}")
     line = (
         f"{args.model}: perplexity {figures['perplexity']:.3f} over {figures['tokens']} tokens of {args.text}"
     )

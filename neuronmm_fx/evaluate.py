@@ -148,3 +148,38 @@ def fidelity(
 ) -> Fidelity:
     """KL(reference ‖ model) and top-1 agreement of next-token distributions, per token."""
     return quality(model, reference, ids, seq_len, max_tokens, progress)[1]
+
+
+def rolling_windows(tokens: int, max_length: int):
+    """``(input start, input end, predicted start, predicted end)`` over a ``tokens``-long text, as
+    lm-eval's rolling log-likelihood lays them out (one token of context): the first window reads a
+    prefix token and the first ``max_length - 1`` tokens and predicts the first ``max_length``; each
+    later window predicts the next ``max_length`` tokens (fewer at the end) from the ``max_length``
+    tokens before each of them.  Input start -1 stands for the prefix token."""
+    first = min(max_length, tokens)
+    yield -1, first - 1, 0, first
+    predicted = first
+    while predicted < tokens:
+        end = min(tokens, predicted + max_length)
+        yield end - max_length - 1, end - 1, predicted, end
+        predicted = end
+
+
+@torch.no_grad()
+def rolling_loglikelihood(model: nn.Module, ids: torch.Tensor, max_length: int, prefix_token: int) -> float:
+    """Summed log-likelihood (nats) of a 1-D stream of token ids, every token scored once, in
+    lm-eval's rolling windows (:func:`rolling_windows`): what its ``loglikelihood_rolling`` requests
+    compute for a causal LM, so that the two can be checked against each other."""
+    ids = _stream(ids, None)
+    if ids.numel() == 0 or max_length < 1:
+        raise ValueError("need at least one token and max_length >= 1")
+    device = next(model.parameters()).device
+    prefix = torch.tensor([prefix_token], dtype=ids.dtype)
+    total = 0.0
+    for start, end, predicted_start, predicted_end in rolling_windows(ids.numel(), max_length):
+        window = torch.cat([prefix, ids[:end]]) if start < 0 else ids[start:end]
+        log_probs = F.log_softmax(_logits(model, window.unsqueeze(0).to(device))[0], dim=-1)
+        count = predicted_end - predicted_start  # the last `count` positions predict those tokens
+        targets = ids[predicted_start:predicted_end].to(device)
+        total += log_probs[-count:].gather(1, targets.unsqueeze(1)).sum().item()
+    return total

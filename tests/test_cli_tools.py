@@ -8,7 +8,7 @@ from helpers import VOCAB, tiny_model
 
 from neuronmm_fx.cli import main
 
-WORDS = [f"w{i}" for i in range(VOCAB - 1)]  # with [UNK]: exactly the tiny models' vocabulary
+WORDS = [f"w{i}" for i in range(VOCAB - 2)]  # with [UNK] and </s>: exactly the tiny models' vocabulary
 
 
 def _word_tokenizer():
@@ -16,10 +16,10 @@ def _word_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocabulary = {"[UNK]": 0, **{word: i + 1 for i, word in enumerate(WORDS)}}
+    vocabulary = {"[UNK]": 0, "</s>": 1, **{word: i + 2 for i, word in enumerate(WORDS)}}
     tokenizer = Tokenizer(models.WordLevel(vocab=vocabulary, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]")
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", eos_token="</s>")
 
 
 @pytest.fixture(scope="module")
@@ -180,3 +180,26 @@ def test_the_traffic_plot_draws_every_variant_per_shape_and_target(tmp_path):
         assert [line.get_label() for line in axes.get_lines()] == ["dense", "unfused", "fused", "compulsory"]
         assert list(axes.get_lines()[3].get_ydata()) == [10.0, 1280.0, 5120.0]  # MB
     assert len(figure.axes) == 4 and not figure.axes[3].get_visible()  # 3 panels on a 2×2 grid
+
+
+def test_lm_eval_and_the_project_evaluator_agree_on_the_shipped_task(saved, capsys):
+    from neuronmm_fx import from_pretrained
+    from neuronmm_fx.evaluate import rolling_loglikelihood
+    from neuronmm_fx.harness import TEXT_TASK, run_lm_eval, summed_loglikelihood
+
+    model, tokenizer = from_pretrained(saved / "out"), _word_tokenizer()
+    text = (saved / "text.txt").read_text()
+    results = run_lm_eval(model, tokenizer, [TEXT_TASK], text=saved / "text.txt", max_length=64)
+    theirs = summed_loglikelihood(results, text)
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    ours = rolling_loglikelihood(model, ids, max_length=64, prefix_token=tokenizer.eos_token_id)
+    assert abs(ours - theirs) <= 0.005 * abs(theirs)  # summed token log-likelihood within 0.5 %
+    assert ours < -len(WORDS)  # a real sum over 600 tokens, not a placeholder
+
+    capsys.readouterr()
+    args = ["eval", str(saved / "out"), "--text", str(saved / "text.txt"), "--seq-len", "64"]
+    assert main([*args, "--tasks", TEXT_TASK, "--json", "--quiet"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    metrics = figures["lm_eval"][TEXT_TASK]
+    assert {"word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"} <= set(metrics)
+    assert metrics["word_perplexity,none"] == pytest.approx(results[TEXT_TASK]["word_perplexity,none"])
