@@ -16,6 +16,7 @@ weight-bytes ideal (matmul weights read per decoded token, dense over compressed
 
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 from collections.abc import Callable
@@ -53,16 +54,19 @@ def generate(
     Prefill computes the logits of the last ``logits_to_keep`` positions (0: all)."""
     from transformers import StaticCache
 
+    # transformers 5 names the KV cache ``cache``, earlier versions ``past_key_values``
+    forward = getattr(model, "_orig_mod", model).forward  # a compiled module's own forward
+    name = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
     prompt = ids.shape[1]
     cache = StaticCache(config=config, max_cache_len=prompt + new_tokens)
     with torch.no_grad():
         start = time.perf_counter()
         out = model(
             input_ids=ids,
-            past_key_values=cache,
             cache_position=torch.arange(prompt),
             use_cache=True,
             logits_to_keep=logits_to_keep,
+            **{name: cache},
         )
         token = out.logits[:, -1:].argmax(-1)
         prefill = time.perf_counter() - start
@@ -70,7 +74,7 @@ def generate(
         start = time.perf_counter()
         for step in range(new_tokens - 1):
             position = torch.tensor([prompt + step])
-            out = model(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True)
+            out = model(input_ids=token, cache_position=position, use_cache=True, **{name: cache})
             token = out.logits[:, -1:].argmax(-1)
             tokens.append(token)
         decode = (time.perf_counter() - start) / max(new_tokens - 1, 1)

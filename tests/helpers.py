@@ -136,3 +136,17 @@ def assert_unchanged(model: nn.Module, snapshot: dict[str, torch.Tensor], module
     for key, value in snapshot.items():
         assert torch.equal(state[key], value), key
     assert [type(m) for m in model.modules()] == module_types
+
+
+WORDS = [f"w{i}" for i in range(VOCAB - 2)]  # with [UNK] and </s>: exactly the tiny models' vocabulary
+
+
+def word_tokenizer():
+    """A word-level tokenizer over the tiny models' vocabulary, built in code (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocabulary = {"[UNK]": 0, "</s>": 1, **{word: i + 2 for i, word in enumerate(WORDS)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocabulary, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", eos_token="</s>")

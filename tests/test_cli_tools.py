@@ -4,22 +4,9 @@ import json
 
 import pytest
 import torch
-from helpers import VOCAB, tiny_model
+from helpers import WORDS, tiny_model, word_tokenizer
 
 from neuronmm_fx.cli import main
-
-WORDS = [f"w{i}" for i in range(VOCAB - 2)]  # with [UNK] and </s>: exactly the tiny models' vocabulary
-
-
-def _word_tokenizer():
-    """A word-level tokenizer over the tiny models' vocabulary, built in code (no download)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocabulary = {"[UNK]": 0, "</s>": 1, **{word: i + 2 for i, word in enumerate(WORDS)}}
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocabulary, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", eos_token="</s>")
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +15,7 @@ def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("tools")
     tiny_model("llama").save_pretrained(root / "dense")
     tiny_model("qwen3").save_pretrained(root / "other")
-    _word_tokenizer().save_pretrained(root / "dense")
+    word_tokenizer().save_pretrained(root / "dense")
     generator = torch.Generator().manual_seed(0)
     words = torch.randint(0, len(WORDS), (600,), generator=generator).tolist()
     (root / "text.txt").write_text(" ".join(WORDS[i] for i in words))
@@ -66,7 +53,7 @@ def test_eval_against_the_dense_model_prints_its_json_fields(saved, capsys):
     figures = json.loads(capsys.readouterr().out)
     assert {"perplexity", "dense_perplexity", "kl", "top1", "tokens"} <= set(figures)
     assert 0 < figures["kl"] and 0 <= figures["top1"] <= 1
-    ids = _word_tokenizer()((saved / "text.txt").read_text(), return_tensors="pt").input_ids[0]
+    ids = word_tokenizer()((saved / "text.txt").read_text(), return_tensors="pt").input_ids[0]
     assert ids.numel() == 600
     expected = perplexity(from_pretrained(saved / "out"), ids, seq_len=64)
     assert figures["tokens"] == expected.tokens
@@ -187,7 +174,7 @@ def test_lm_eval_and_the_project_evaluator_agree_on_the_shipped_task(saved, caps
     from neuronmm_fx.evaluate import rolling_loglikelihood
     from neuronmm_fx.harness import TEXT_TASK, run_lm_eval, summed_loglikelihood
 
-    model, tokenizer = from_pretrained(saved / "out"), _word_tokenizer()
+    model, tokenizer = from_pretrained(saved / "out"), word_tokenizer()
     text = (saved / "text.txt").read_text()
     results = run_lm_eval(model, tokenizer, [TEXT_TASK], text=saved / "text.txt", max_length=64)
     theirs = summed_loglikelihood(results, text)
