@@ -16,6 +16,7 @@ fine-tuning never see either.  Times are wall-clock seconds on this machine, in 
 
     python benchmarks/compression_quality.py                       # the whole table (~35 min, 2 cores)
     python benchmarks/compression_quality.py --ratios 0.2 --rows default default+wikitext
+    python benchmarks/compression_quality.py --ratios 0.1 0.2 0.3 --rows default plain-svd --plot q.png
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ def main() -> None:
         "--calibration-tokens", type=int, default=neuronmm_fx.OptimizeConfig.calibration_tokens
     )
     parser.add_argument("--finetune-steps", type=int, default=FinetuneConfig.steps)
+    parser.add_argument("--plot", metavar="FILE.png", help="also draw perplexity against ratio per method")
     args = parser.parse_args()
     torch.manual_seed(0)
 
@@ -147,6 +149,20 @@ def main() -> None:
             f"{r.get('sensitivity_s', 0):.1f} | {r.get('factorization_s', 0):.1f} | "
             f"{r.get('finetune_s', 0):.1f} | {r.get('total_s', 0):.1f} |"
         )
+    if args.plot:
+        import json
+
+        from neuronmm_fx.plots import plot_quality
+
+        # the rows beside the chart, to redraw it without a rerun
+        Path(args.plot).with_suffix(".json").write_text(json.dumps(rows, indent=1))
+
+        plot_quality(
+            rows,
+            args.plot,
+            title=f"SmolLM2-135M: perplexity against MLP parameters removed ({args.eval_tokens} tokens)",
+        )
+        print(f"plot written to {args.plot}")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ business; here what shows is the smaller matrices and the compiler.
 
     python benchmarks/latency.py [--ratios 0.2 0.5] [--prompt-tokens 64] [--new-tokens 16]
                                  [--repeats 9] [--threads N] [--all-logits] [--freezing]
+                                 [--plot FILE.png]
 
 ``--freezing`` sets Inductor's inference setting ``torch._inductor.config.freezing`` for every
 compiled variant, dense and compressed alike: weights become constants, folded and prepacked for
@@ -93,6 +94,7 @@ def main() -> None:
         help="prefill computes every position's logits (default: the last one's, as generate() does)",
     )
     parser.add_argument("--freezing", action="store_true", help="Inductor freezing, every compiled variant")
+    parser.add_argument("--plot", metavar="FILE.png", help="also draw the latencies (matplotlib)")
     args = parser.parse_args()
     torch._inductor.config.freezing = args.freezing
     if args.threads:
@@ -135,6 +137,11 @@ def main() -> None:
     print(f"neuronmm backend: {len(backend.records())} graph(s), {fused} svd_mlp site(s), handed on {forms}")
 
     summary = summarize(runs, baseline="dense compiled")
+    if args.plot:
+        from neuronmm_fx.plots import plot_latency
+
+        plot_latency(summary, args.plot, title=f"SmolLM2-135M, {torch.get_num_threads()} threads")
+        print(f"plot written to {args.plot}")
     print(
         "\n| variant | prefill ms | × compiled dense (range) | FLOP ideal | of ideal "
         "| decode ms/token | × compiled dense (range) | bytes ideal | of ideal |"

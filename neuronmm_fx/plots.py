@@ -4,7 +4,9 @@
   its full rank, hatched) and the share of the site's parameters kept;
 * :func:`plot_latency`: per variant, prefill and decode latency (medians, with the range over the
   rounds as error bars);
-* :func:`plot_traffic`: HBM traffic of the kernels against the token count (the kernel benchmark).
+* :func:`plot_traffic`: HBM traffic of the kernels against the token count (the kernel benchmark);
+* :func:`plot_quality`: perplexity against the MLP parameters removed, per method (the quality
+  benchmark).
 
 Each function writes the file and returns the matplotlib ``Figure`` (built without pyplot, so no
 display or global state is involved); every chart has a title and labelled axes.
@@ -124,6 +126,39 @@ def plot_traffic(rows: list[dict], path: str | Path, title: str = "HBM traffic o
         axes.legend(fontsize=7)
     for axes in grid[len(panels) :]:
         axes.set_visible(False)
+    figure.suptitle(title)
+    figure.savefig(path, dpi=120)
+    return figure
+
+
+def plot_quality(rows: list[dict], path: str | Path, title: str = "Perplexity against parameters removed"):
+    """Lines of perplexity (× dense, log scale) against the share of MLP parameters a method really
+    removed (not the ratio asked for: a rank rule that floors removes what it removes), one per
+    method, one panel per evaluation text.  ``rows`` are ``benchmarks/compression_quality.py``'s: the
+    first is dense (``ratio`` "-"), each has ``name``, ``ratio``, ``mlp_kept`` and per text
+    ``(perplexity, kl, top1, tokens)``."""
+    dense, compressed = rows[0], [row for row in rows[1:] if row["ratio"] != "-"]
+    texts = [key for key, value in dense.items() if isinstance(value, (tuple, list))]
+    if not compressed or not texts:
+        raise ConfigError("no compressed row to plot")
+    figure, panels = _figure(1, 5.5 * len(texts), 4.2, columns=len(texts))
+    methods = list(dict.fromkeys(row["name"] for row in compressed))
+    for axes, text in zip(panels, texts, strict=True):
+        for index, method in enumerate(methods):
+            chosen = sorted((row for row in compressed if row["name"] == method), key=lambda r: r["ratio"])
+            axes.plot(
+                [1 - row["mlp_kept"] for row in chosen],
+                [row[text][0] / dense[text][0] for row in chosen],
+                marker="o",
+                color=f"C{index}",
+                label=method,
+            )
+        axes.axhline(1.0, color="black", linestyle=":", label="dense")
+        axes.set_yscale("log")
+        axes.set_title(f"{text} (dense perplexity {dense[text][0]:.2f})")
+        axes.set_xlabel("share of MLP parameters removed")
+        axes.set_ylabel("perplexity × dense")
+        axes.legend(fontsize=7)
     figure.suptitle(title)
     figure.savefig(path, dpi=120)
     return figure

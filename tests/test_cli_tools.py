@@ -190,3 +190,30 @@ def test_lm_eval_and_the_project_evaluator_agree_on_the_shipped_task(saved, caps
     metrics = figures["lm_eval"][TEXT_TASK]
     assert {"word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"} <= set(metrics)
     assert metrics["word_perplexity,none"] == pytest.approx(results[TEXT_TASK]["word_perplexity,none"])
+
+
+def test_the_quality_plot_draws_perplexity_over_dense_against_parameters_removed(tmp_path):
+    from neuronmm_fx.plots import plot_quality
+
+    rows = [{"name": "dense", "ratio": "-", "mlp_kept": 1.0, "wiki": (10.0, 0, 1, 9), "code": (5.0, 0, 1, 9)}]
+    for ratio, factor in ((0.1, 1.5), (0.2, 2.0)):
+        rows.append(
+            {
+                "name": "default",
+                "ratio": ratio,
+                "mlp_kept": 1 - ratio,
+                "wiki": (10 * factor, 0.1, 0.9, 9),
+                "code": (5 * factor, 0.1, 0.9, 9),
+            }
+        )
+    figure = plot_quality(rows, tmp_path / "quality.png")
+    assert [axes.get_title() for axes in figure.axes] == [
+        "wiki (dense perplexity 10.00)",
+        "code (dense perplexity 5.00)",
+    ]
+    for axes in figure.axes:
+        assert axes.get_xlabel() == "share of MLP parameters removed"
+        assert axes.get_ylabel() == "perplexity × dense"
+        default = axes.get_lines()[0]
+        assert default.get_label() == "default" and list(default.get_ydata()) == [1.5, 2.0]
+        assert [round(x, 6) for x in default.get_xdata()] == [0.1, 0.2]
