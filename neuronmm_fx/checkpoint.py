@@ -466,9 +466,9 @@ def from_pretrained(folder: str | Path) -> nn.Module:
 
     The model is constructed from ``config.json`` on the meta device, so no dense weight is ever
     allocated and no SVD runs; the recipe's modules go in and the verified tensors of
-    ``model.safetensors`` are adopted as its parameters, tied ones tied again; tables computed from the
-    config (rotary frequencies) are computed again.  The model
-    is returned in eval mode with its report attached, computing exactly what the saved one did.
+    ``model.safetensors`` are adopted as its parameters, tied ones tied again; tables computed from
+    the config (rotary frequencies) are computed again.  The model is returned in eval mode with its
+    report attached, computing exactly what the saved one did.
 
     Refused with a :class:`CheckpointError`: a folder that is not a neuronmm_fx checkpoint, one
     saved without a config (a model that is not a Hugging Face model: build it and use
