@@ -146,20 +146,23 @@ def _load_model(spec: str):
         return load_smollm2()
     path = Path(spec)
     if (path / RECIPE_FILE).is_file():
-        from transformers import AutoTokenizer
-
-        model = neuronmm_fx.from_pretrained(path)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError):
-            tokenizer = None
-        return model, tokenizer
+        return neuronmm_fx.from_pretrained(path), _tokenizer_at(path)
     return _load_local(path)
+
+
+def _tokenizer_at(folder: Path, **extra):
+    """The tokenizer saved in ``folder`` (``extra``: ``gguf_file``), or None where there is none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, **extra)
+    except (OSError, ValueError):
+        return None
 
 
 def _load_local(path: Path):
     """``(model, tokenizer or None)`` from a saved Hugging Face folder or a .gguf file."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     folder, extra = (path.parent, {"gguf_file": path.name}) if path.suffix == ".gguf" else (path, {})
     try:
@@ -169,11 +172,7 @@ def _load_local(path: Path):
         raise UnsupportedModelError(
             f"could not load a causal LM from {path} ({type(error).__name__}: {first})"
         ) from error
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
-    except (OSError, ValueError):
-        tokenizer = None
-    return model, tokenizer
+    return model, _tokenizer_at(folder, **extra)
 
 
 def _optimize(model, args, tokenizer=None) -> torch.nn.Module:
@@ -228,8 +227,7 @@ def run_demo(args) -> None:
     optimized = _optimize(model, args, tokenizer)
     after = _generate(optimized, tokenizer, args.prompt, args.max_new_tokens)
     evaluation_started = time.perf_counter()
-    dense_ppl, _ = quality(dense, dense, ids)
-    ppl, fid = quality(optimized, dense, ids)
+    ppl, fid = quality(optimized, dense, ids)  # the dense perplexity comes with it
     evaluated = time.perf_counter() - evaluation_started
     report = neuronmm_fx.report_of(optimized)
     # every matched MLP counts, including those the allocation left wholly dense (reported as skipped)
@@ -237,8 +235,8 @@ def run_demo(args) -> None:
     total = sum(p.numel() for name, p in dense.named_parameters() if ".mlp." in name)
     print(f"\nevaluation text: {source}, {ppl.tokens} scored tokens")
     print(
-        f"  perplexity: dense {dense_ppl.perplexity:.2f}, compressed {ppl.perplexity:.2f} "
-        f"({ppl.perplexity / dense_ppl.perplexity:.2f}× dense)"
+        f"  perplexity: dense {fid.reference_perplexity:.2f}, compressed {ppl.perplexity:.2f} "
+        f"({ppl.perplexity / fid.reference_perplexity:.2f}× dense)"
     )
     print(
         f"  mean KL(dense ‖ compressed) {fid.kl:.3f} nats/token, "
@@ -368,21 +366,17 @@ def _check_args(args) -> None:
         if not args.checkpoint.is_dir():
             raise ConfigError(f"{args.checkpoint} is not a folder")
         return
-    if args.command == "bench":
-        if min(args.prompt_tokens, args.new_tokens, args.repeats) < 1:
-            raise ConfigError("--prompt-tokens, --new-tokens and --repeats must be at least 1")
-        _check_model(args.model, checkpoint_ok=True)
-        if args.against is not None:
-            _check_model(args.against, checkpoint_ok=True)
-        return
+    if args.command == "bench" and min(args.prompt_tokens, args.new_tokens, args.repeats) < 1:
+        raise ConfigError("--prompt-tokens, --new-tokens and --repeats must be at least 1")
     if args.command == "eval":
         if not args.text.is_file():
             raise ConfigError(f"--text {args.text} is not a file")
         if args.tokens < 2 or args.seq_len < 2:
             raise ConfigError("--tokens and --seq-len must be at least 2")
-        _check_model(args.model, checkpoint_ok=True)
-        if args.against is not None:
-            _check_model(args.against, checkpoint_ok=True)
+    if args.command in ("bench", "eval"):  # both read a compressed checkpoint as well as a dense model
+        for spec in (args.model, args.against):
+            if spec is not None:
+                _check_model(spec, checkpoint_ok=True)
         return
     _config(args)
     if args.finetune_steps < 0:
@@ -468,9 +462,10 @@ def run_eval(args) -> None:
         figures.update(perplexity=ppl.perplexity, tokens=ppl.tokens)
         figures.update(dense_perplexity=None, kl=None, top1=None)
     else:
-        dense_ppl = perplexity(dense, ids, seq_len=args.seq_len, progress=progress)
         ppl, fid = quality(model, dense, ids, seq_len=args.seq_len, progress=progress)
-        figures.update(perplexity=ppl.perplexity, tokens=ppl.tokens, dense_perplexity=dense_ppl.perplexity)
+        figures.update(
+            perplexity=ppl.perplexity, tokens=ppl.tokens, dense_perplexity=fid.reference_perplexity
+        )
         figures.update(kl=fid.kl, top1=fid.top1_agreement)
     if args.tasks:
         from neuronmm_fx.harness import run_lm_eval

@@ -32,6 +32,9 @@ class Fidelity:
     kl: float  # mean KL(reference ‖ model) per token, nats
     top1_agreement: float  # fraction of tokens whose argmax agrees
     tokens: int
+    # the reference's own perplexity on the same windows and tokens (from its bfloat16 log-probabilities
+    # when they were cached by reference_log_probs), so that no second pass of the reference is needed
+    reference_perplexity: float = math.nan
 
 
 def _windows(tokens: int, seq_len: int, stride: int):
@@ -108,7 +111,8 @@ def quality(
     max_tokens: int | None = None,
     progress: bool = False,
 ) -> tuple[Perplexity, Fidelity]:
-    """Perplexity (non-overlapping windows) and fidelity to ``reference`` from one forward per window.
+    """Perplexity (non-overlapping windows) and fidelity to ``reference`` (with the reference's own
+    perplexity) from one forward per window.
 
     ``reference`` is the dense model, or its :func:`reference_log_probs` on the same windows (so a
     benchmark runs the dense model once for all its rows).
@@ -119,7 +123,7 @@ def quality(
     cached = reference if isinstance(reference, list) else None
     if cached is not None and len(cached) != len(windows):
         raise ValueError(f"{len(cached)} cached reference windows for {len(windows)} windows of this text")
-    nll_sum, scored, kl_sum, agree, count = 0.0, 0, 0.0, 0, 0
+    nll_sum, reference_nll_sum, scored, kl_sum, agree, count = 0.0, 0.0, 0, 0.0, 0, 0
     for index, (start, end, first) in enumerate(tqdm(windows, desc="evaluate", disable=not progress)):
         window = ids[start:end].unsqueeze(0).to(device)
         log_q = F.log_softmax(_logits(model, window)[0], dim=-1)  # (tokens, vocab)
@@ -130,12 +134,14 @@ def quality(
         )
         targets = window[0, first:]
         nll_sum -= log_q[first - 1 : -1].gather(1, targets[:, None]).sum().item()
+        reference_nll_sum -= log_p[first - 1 : -1].gather(1, targets[:, None]).sum().item()
         scored += targets.numel()
         kl_sum += F.kl_div(log_q, log_p, log_target=True, reduction="sum").item()
         agree += (log_p.argmax(-1) == log_q.argmax(-1)).sum().item()
         count += window.shape[1]
     nll = nll_sum / scored
-    return Perplexity(math.exp(nll), nll, scored), Fidelity(kl_sum / count, agree / count, count)
+    fidelity = Fidelity(kl_sum / count, agree / count, count, math.exp(reference_nll_sum / scored))
+    return Perplexity(math.exp(nll), nll, scored), fidelity
 
 
 def fidelity(

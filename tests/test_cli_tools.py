@@ -59,6 +59,9 @@ def test_eval_against_the_dense_model_prints_its_json_fields(saved, capsys):
     assert figures["tokens"] == expected.tokens
     assert figures["perplexity"] == pytest.approx(expected.perplexity, rel=1e-6)
     assert figures["kl"] > 1e-5  # the compressed model differs from the dense one it is compared with
+    # the dense perplexity comes from the same pass as the KL, and equals the dense model's own
+    dense_expected = perplexity(tiny_model("llama"), ids, seq_len=64).perplexity
+    assert figures["dense_perplexity"] == pytest.approx(dense_expected, rel=1e-5)
 
     assert main(["eval", str(saved / "dense"), "--text", str(saved / "text.txt"), "--seq-len", "64"]) == 0
     out = capsys.readouterr().out
