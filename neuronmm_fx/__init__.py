@@ -5,7 +5,7 @@
 """
 
 from neuronmm_fx import ops  # noqa: F401  (registers the neuronmm custom ops)
-from neuronmm_fx.api import optimize, report_of
+from neuronmm_fx.api import optimize, report_of, survey
 from neuronmm_fx.checkpoint import from_pretrained, load_compressed, save_compressed
 from neuronmm_fx.compress.calibration import Calibration, calibrate
 from neuronmm_fx.compress.finetune import FinetuneConfig, finetune
@@ -22,7 +22,7 @@ from neuronmm_fx.errors import (
 from neuronmm_fx.kernels.dispatch import use_standin_kernels
 from neuronmm_fx.modules import CompressedMLP, Factors, LowRankLinear
 from neuronmm_fx.neuron import NeuronSDKError
-from neuronmm_fx.report import OptimizeReport
+from neuronmm_fx.report import OptimizeReport, Survey
 
 __version__ = "0.1.0"
 
@@ -41,6 +41,7 @@ __all__ = [
     "OptimizeConfig",
     "OptimizeReport",
     "PassCheckError",
+    "Survey",
     "UnsupportedModelError",
     "calibrate",
     "finetune",
@@ -49,5 +50,6 @@ __all__ = [
     "optimize",
     "report_of",
     "save_compressed",
+    "survey",
     "use_standin_kernels",
 ]

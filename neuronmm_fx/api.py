@@ -42,7 +42,16 @@ from neuronmm_fx.ops import SUPPORTED_DTYPES
 from neuronmm_fx.passes.canonicalize import Canonicalize
 from neuronmm_fx.passes.fuse import Fuse
 from neuronmm_fx.passes.match import Match, Site
-from neuronmm_fx.report import MatrixReport, OptimizeReport, SiteReport, SkippedSite, matrix_report
+from neuronmm_fx.report import (
+    MatrixReport,
+    OptimizeReport,
+    SiteReport,
+    SkippedSite,
+    Survey,
+    SurveyedMatrix,
+    SurveyedSite,
+    matrix_report,
+)
 
 log = logging.getLogger("neuronmm_fx")
 
@@ -222,6 +231,54 @@ def optimize(
     return result
 
 
+def survey(
+    model: nn.Module,
+    *,
+    example_inputs: tuple | None = None,
+    example_kwargs: dict | None = None,
+    include: tuple[str, ...] = (),
+    exclude: tuple[str, ...] = (),
+) -> Survey:
+    """The sites :func:`optimize` would rewrite, with every matrix's shape, parameters and break-even
+    rank: capture → canonicalize → match, and nothing after.  The model is not changed.
+
+    ``include`` / ``exclude`` select sites as they do for ``optimize``; a model with nothing to
+    compress raises the same error ``optimize`` would.
+    """
+    config = _config(None, {"include": tuple(include), "exclude": tuple(exclude)})
+    check_model(model)
+    example_args, example_kwargs = _example_inputs(model, example_inputs, example_kwargs)
+    scratch = OptimizeReport(config.ratio, config.block, config.method)
+    _, _, sites = _capture_and_match(model, example_args, example_kwargs, config, scratch)
+    chosen = _select(sites, config, scratch)
+    if not chosen:
+        _nothing_to_compress(model, scratch)
+    return Survey(
+        type(model).__name__,
+        count_parameters(model),
+        [_surveyed(site) for site in chosen],
+        scratch.skipped,
+    )
+
+
+def _surveyed(site: Site) -> SurveyedSite:
+    matrices = []
+    for role, projection in site.projections.items():
+        in_features, out_features = projection.in_features, projection.out_features
+        matrices.append(
+            SurveyedMatrix(
+                projection.name,
+                role,
+                in_features,
+                out_features,
+                projection.parameter_count(),
+                projection.first.out_features if projection.is_lowrank else None,
+                (in_features * out_features - 1) // (in_features + out_features),
+            )
+        )
+    return SurveyedSite(site.path, site.pattern, site.activation, matrices)
+
+
 def _not_installable(model: nn.Module, installation: Installation) -> str:
     """Why the installation cannot go into ``model`` as planned ("" if it can): a path that does not
     resolve.  (Modules shared by several places were refused by :func:`check_model`.)"""
@@ -358,12 +415,15 @@ def _plan_installations(model, graph_module, fused_sites, config, example_args, 
         else:
             kept.append(installation)
     if not kept:
-        details = (
-            "; ".join(f"{s.path or '<root>'}: {s.reason}" for s in report.skipped)
-            or "no MLP or low-rank chain"
-        )
-        raise NothingToCompressError(f"nothing to compress in {type(model).__name__}: {details}")
+        _nothing_to_compress(model, report)
     return kept
+
+
+def _nothing_to_compress(model: nn.Module, report: OptimizeReport):
+    details = (
+        "; ".join(f"{s.path or '<root>'}: {s.reason}" for s in report.skipped) or "no MLP or low-rank chain"
+    )
+    raise NothingToCompressError(f"nothing to compress in {type(model).__name__}: {details}")
 
 
 def _finetune_data(model, calibration, tokenizer, config: OptimizeConfig):

@@ -2,15 +2,16 @@
 
 * ``demo``: the bundled SmolLM2-135M end to end.
 * ``compress MODEL`` (alias ``optimize``): compress a model, print the report, ``--save DIR``.
-* ``inspect DIR``: the report a compressed checkpoint was saved with (``--json``).
+* ``inspect DIR|MODEL``: the report a compressed checkpoint was saved with, or for a dense model the
+  sites ``optimize`` would rewrite (:func:`neuronmm_fx.survey`); ``--json``, ``--plot``.
 * ``eval MODEL --text FILE [--against DENSE] [--tasks NAMES]``: perplexity, and KL / top-1
   agreement against a dense model; lm-eval tasks through :mod:`neuronmm_fx.harness` (``--json``).
 * ``bench MODEL [--against DENSE]``: prefill and decode latency, eager and compiled, medians over
   alternating rounds with their spread (``--json``; :mod:`neuronmm_fx.bench`).
 
-``MODEL`` is a saved Hugging Face folder, a ``.gguf`` file, a compressed checkpoint folder (``eval``)
-or ``smollm2`` for the bundled model.  Exit codes: 0 success, 1 a refused model or input (one
-``neuronmm-fx: error:`` line says why), 2 bad command-line usage.
+``MODEL`` is a saved Hugging Face folder, a ``.gguf`` file, a compressed checkpoint folder
+(``inspect``, ``eval``, ``bench``) or ``smollm2`` for the bundled model.  Exit codes: 0 success, 1 a
+refused model or input (one ``neuronmm-fx: error:`` line says why), 2 bad command-line usage.
 """
 
 from __future__ import annotations
@@ -93,8 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("model", help=f"{MODEL_FORMS} (no compressed checkpoint)")
     _common_options(compress)
 
-    inspect = commands.add_parser("inspect", help="the report of a saved compressed model")
-    inspect.add_argument("checkpoint", type=Path, help="a folder written by --save / save_compressed")
+    inspect = commands.add_parser(
+        "inspect",
+        help="the report of a compressed checkpoint, or the sites a dense model would have compressed",
+    )
+    inspect.add_argument(
+        "model", help=f"a folder written by --save / save_compressed, or a dense model: {MODEL_FORMS}"
+    )
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
     inspect.add_argument("--plot", type=Path, metavar="FILE.png", help="also draw the per-site ranks")
 
@@ -363,8 +369,7 @@ def _check_args(args) -> None:
         except ImportError:
             raise ConfigError("--plot needs matplotlib: pip install 'neuronmm_fx[plots]'") from None
     if args.command == "inspect":
-        if not args.checkpoint.is_dir():
-            raise ConfigError(f"{args.checkpoint} is not a folder")
+        _check_model(args.model, checkpoint_ok=True)
         return
     if args.command == "bench" and min(args.prompt_tokens, args.new_tokens, args.repeats) < 1:
         raise ConfigError("--prompt-tokens, --new-tokens and --repeats must be at least 1")
@@ -405,22 +410,32 @@ def _check_model(spec: str, checkpoint_ok: bool) -> None:
             raise ConfigError(f"{model} is already a compressed checkpoint; compress its dense model instead")
         return
     if model.is_dir() and not (model / "config.json").is_file():
+        if checkpoint_ok:
+            raise ConfigError(
+                f"{model} is neither a compressed checkpoint (no {RECIPE_FILE}) nor a saved Hugging Face "
+                "model folder (no config.json)"
+            )
         raise ConfigError(f"{model} has no config.json: not a saved Hugging Face model folder")
     if model.is_file() and model.suffix != ".gguf":
         raise ConfigError(f"{model} is a file but not a .gguf model")
-    if model.is_file() and model.read_bytes()[:4] != b"GGUF":
-        raise ConfigError(f"{model} is not a GGUF file (it does not start with the GGUF magic)")
+    if model.is_file():
+        with model.open("rb") as file:
+            if file.read(4) != b"GGUF":
+                raise ConfigError(f"{model} is not a GGUF file (it does not start with the GGUF magic)")
 
 
 def run_inspect(args) -> None:
-    report, saved = read_report(args.checkpoint)
+    if not (Path(args.model) / RECIPE_FILE).is_file():
+        _inspect_dense(args)
+        return
+    report, saved = read_report(args.model)
     if args.plot is not None:
         from neuronmm_fx.plots import plot_ranks
 
         plot_ranks(report, args.plot, title=f"{saved['model_class']}: ranks per compressed site")
     if args.json:
         described = {
-            "checkpoint": str(args.checkpoint),
+            "checkpoint": args.model,
             "model_class": saved["model_class"],
             "format": saved["format"],
             "library_version": saved.get("version"),
@@ -430,10 +445,24 @@ def run_inspect(args) -> None:
         print(json.dumps(described, indent=2))
         return
     print(
-        f"{args.checkpoint}: {saved['model_class']}, recipe format {saved['format']}, "
+        f"{args.model}: {saved['model_class']}, recipe format {saved['format']}, "
         f"saved by neuronmm_fx {saved.get('version')}"
     )
     print(report)  # with the time each phase took
+
+
+def _inspect_dense(args) -> None:
+    """A model that is not a compressed checkpoint: the sites ``optimize`` would rewrite."""
+    model, _ = _load_model(args.model)
+    survey = neuronmm_fx.survey(model)
+    if args.plot is not None:
+        from neuronmm_fx.plots import plot_survey
+
+        plot_survey(survey, args.plot, title=f"{survey.model_class}: sites to compress")
+    if args.json:
+        print(json.dumps({"model": args.model, "compressed": False, **survey.to_dict()}, indent=2))
+        return
+    print(survey)
 
 
 def run_eval(args) -> None:
@@ -471,7 +500,9 @@ def run_eval(args) -> None:
         from neuronmm_fx.harness import run_lm_eval
 
         tasks = [name.strip() for name in args.tasks.split(",") if name.strip()]
-        figures["lm_eval"] = run_lm_eval(model, tokenizer, tasks, text=args.text, max_length=args.seq_len)
+        figures["lm_eval"] = run_lm_eval(
+            model, tokenizer, tasks, text=args.text, max_length=args.seq_len, progress=progress
+        )
     if args.json:
         print(json.dumps(figures, indent=2))
         return

@@ -11,6 +11,7 @@ the two agree on the same text.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -53,10 +54,15 @@ def run_lm_eval(
     text: str | Path | None = None,
     max_length: int | None = None,
     batch_size: int = 1,
+    progress: bool = True,
 ) -> dict:
     """lm-eval's results (``simple_evaluate(...)["results"]``, by task) for ``model``, wrapped in
     lm-eval's ``HFLM`` with ``tokenizer``; ``max_length`` bounds its windows (default: the model's
-    context).  ``neuronmm_text`` among ``tasks`` scores ``text``."""
+    context).  ``neuronmm_text`` among ``tasks`` scores ``text``.
+
+    ``progress=False`` silences lm-eval: its log drops to errors only, and its progress bars (and
+    anything else it writes to stderr while it runs) go to ``os.devnull``; its exceptions still
+    propagate."""
     lm_eval, HFLM = _lm_eval()
     if not tasks:
         raise ConfigError("no lm-eval task given")
@@ -65,8 +71,13 @@ def run_lm_eval(
     requested = [text_task(text) if name == TEXT_TASK else name for name in tasks]
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # the shipped task reads a local file only
     options = {"max_length": max_length} if max_length else {}
-    wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **options)
-    return lm_eval.simple_evaluate(model=wrapped, tasks=requested, log_samples=False)["results"]
+    with contextlib.ExitStack() as silenced:
+        if not progress:
+            silenced.enter_context(contextlib.redirect_stderr(silenced.enter_context(open(os.devnull, "w"))))
+        wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **options)
+        verbosity = {} if progress else {"verbosity": "ERROR"}
+        results = lm_eval.simple_evaluate(model=wrapped, tasks=requested, log_samples=False, **verbosity)
+    return results["results"]
 
 
 def summed_loglikelihood(results: dict, text: str) -> float:

@@ -2,6 +2,8 @@
 
 * :func:`plot_ranks`: per compressed site, the rank of each matrix (a matrix left dense is drawn at
   its full rank, hatched) and the share of the site's parameters kept;
+* :func:`plot_survey`: per site of a dense model, each matrix's full and break-even rank and its
+  parameters (``neuronmm-fx inspect MODEL``);
 * :func:`plot_latency`: per variant, prefill and decode latency (medians, with the range over the
   rounds as error bars);
 * :func:`plot_traffic`: HBM traffic of the kernels against the token count (the kernel benchmark);
@@ -29,50 +31,87 @@ def _figure(rows: int, width: float, height: float, columns: int = 1):
     return figure, list(figure.subplots(rows, columns, squeeze=False).flat)
 
 
+def _site_bars(axes, sites, value, **style) -> list[str]:
+    """Bars grouped per site, one colour per matrix role: ``value(matrix)`` gives each bar's height
+    and ``style(matrix)`` (optional keyword) its extra bar keywords.  Labels the x axis; returns the
+    roles in colour order."""
+    styled = style.pop("style", lambda matrix: {})
+    roles = list(dict.fromkeys(m.role for site in sites for m in site.matrices))
+    width = 0.8 / len(roles)
+    for index, role in enumerate(roles):
+        for position, site in enumerate(sites):
+            matrix = next((m for m in site.matrices if m.role == role), None)
+            if matrix is not None:
+                offset = (index - (len(roles) - 1) / 2) * width
+                bar_style = {"color": f"C{index}", **style, **styled(matrix)}
+                axes.bar(position + offset, value(matrix), width, **bar_style)
+    labels = [site.path.removeprefix("model.") or "<root>" for site in sites]
+    axes.set_xlabel("site")
+    axes.set_xticks(range(len(sites)), labels, rotation=90, fontsize=7)
+    return roles
+
+
+def _role_handles(roles: list[str]) -> list:
+    from matplotlib.patches import Patch
+
+    return [Patch(color=f"C{index}", label=role) for index, role in enumerate(roles)]
+
+
 def plot_ranks(report, path: str | Path, title: str = "Ranks per compressed site"):
     """Bar chart of an :class:`~neuronmm_fx.report.OptimizeReport`'s ranks and kept parameters."""
     sites = report.sites
     if not sites:
         raise ConfigError("the report has no compressed site to plot")
-    roles = list(dict.fromkeys(m.role for site in sites for m in site.matrices))
-    figure, (ranks, kept) = _figure(2, max(6.0, 0.35 * len(sites) * len(roles)), 6.5)
-    width = 0.8 / len(roles)
-    positions = range(len(sites))
-    for index, role in enumerate(roles):
-        for position, site in zip(positions, sites, strict=True):
-            matrix = next((m for m in site.matrices if m.role == role), None)
-            if matrix is None:
-                continue
-            dense = matrix.rank is None
-            height = min(matrix.in_features, matrix.out_features) if dense else matrix.rank
-            ranks.bar(
-                position + (index - (len(roles) - 1) / 2) * width,
-                height,
-                width,
-                color=f"C{index}",
-                hatch="//" if dense else None,
-                alpha=0.45 if dense else 1.0,
-            )
-    labels = [site.path.removeprefix("model.") or "<root>" for site in sites]
+    figure, (ranks, kept) = _figure(2, max(6.0, 0.35 * len(sites) * 3), 6.5)
+
+    def left_dense(matrix) -> dict:
+        return {"hatch": "//", "alpha": 0.45} if matrix.rank is None else {}
+
+    roles = _site_bars(
+        ranks,
+        sites,
+        lambda m: min(m.in_features, m.out_features) if m.rank is None else m.rank,
+        style=left_dense,
+    )
     ranks.set_title(f"{title} (ratio {report.ratio}, block {report.block}; hatched: left dense)")
     ranks.set_ylabel("rank")
-    ranks.set_xlabel("site")
-    ranks.set_xticks(list(positions), labels, rotation=90, fontsize=7)
     from matplotlib.patches import Patch
 
-    handles = [Patch(color=f"C{index}", label=role) for index, role in enumerate(roles)]
+    handles = _role_handles(roles)
     handles.append(Patch(facecolor="white", edgecolor="black", hatch="//", label="left dense (full rank)"))
     ranks.legend(handles=handles, title="matrix", fontsize=8)
     shares = [100 * site.params_after / site.params_before for site in sites]
-    kept.bar(list(positions), shares, color="C7")
+    kept.bar(range(len(sites)), shares, color="C7")
     kept.axhline(
         100 * (1 - report.ratio), color="C3", linestyle="--", label=f"1 − ratio = {1 - report.ratio:.0%}"
     )
     kept.set_title("Parameters kept per site")
     kept.set_ylabel("kept (%)")
     kept.set_xlabel("site")
-    kept.set_xticks(list(positions), labels, rotation=90, fontsize=7)
+    kept.set_xticks(
+        range(len(sites)),
+        [site.path.removeprefix("model.") or "<root>" for site in sites],
+        rotation=90,
+        fontsize=7,
+    )
     kept.legend(fontsize=8)
+    figure.savefig(path, dpi=120)
+    return figure
+
+
+def plot_survey(survey, path: str | Path, title: str = "Sites to compress"):
+    """Bar chart of a :class:`~neuronmm_fx.report.Survey`: per site and matrix, the full rank
+    (light) with the break-even rank inside it (solid), and the parameters per matrix."""
+    sites = survey.sites
+    figure, (ranks, params) = _figure(2, max(6.0, 0.35 * len(sites) * 3), 6.5)
+    _site_bars(ranks, sites, lambda m: min(m.in_features, m.out_features), alpha=0.3)
+    roles = _site_bars(ranks, sites, lambda m: m.break_even_rank)
+    ranks.set_title(f"{title}: full rank (light) and break-even rank (solid) per matrix")
+    ranks.set_ylabel("rank")
+    ranks.legend(handles=_role_handles(roles), title="matrix", fontsize=8)
+    _site_bars(params, sites, lambda m: m.params / 1e6)
+    params.set_title("Dense parameters per matrix")
+    params.set_ylabel("parameters (millions)")
     figure.savefig(path, dpi=120)
     return figure
 

@@ -169,6 +169,80 @@ class OptimizeReport:
         return "\n".join(lines)
 
 
+@dataclass
+class SurveyedMatrix:
+    """One matrix of a site found in a dense model."""
+
+    name: str
+    role: str
+    in_features: int
+    out_features: int
+    params: int
+    rank: int | None  # an existing low-rank chain's rank; None: a dense matrix
+    break_even_rank: int  # the largest rank whose factors hold fewer parameters than the matrix
+
+
+@dataclass
+class SurveyedSite:
+    path: str
+    pattern: str
+    activation: str | None
+    matrices: list[SurveyedMatrix]
+
+    @property
+    def params(self) -> int:
+        return sum(m.params for m in self.matrices)
+
+
+@dataclass
+class Survey:
+    """The sites ``optimize()`` would rewrite in a model it has not touched (:func:`neuronmm_fx.survey`)."""
+
+    model_class: str
+    model_params: int
+    sites: list[SurveyedSite] = field(default_factory=list)
+    skipped: list[SkippedSite] = field(default_factory=list)
+
+    @property
+    def site_params(self) -> int:
+        return sum(site.params for site in self.sites)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["site_params"] = self.site_params
+        return data
+
+    def __str__(self) -> str:
+        lines = [
+            f"neuronmm_fx survey of {self.model_class}: {len(self.sites)} site(s) to compress, "
+            f"{len(self.skipped)} skipped; not compressed"
+        ]
+        header = (
+            f"  {'site':<40} {'pattern':<10} {'act':<9} {'matrix':<44} {'K×N':>11} {'rank':>6} "
+            f"{'break-even':>10} {'params':>10}"
+        )
+        if self.sites:
+            lines += [header, "  " + "-" * (len(header) - 2)]
+        for site in self.sites:
+            for index, m in enumerate(site.matrices):
+                first = index == 0
+                lines.append(
+                    f"  {(site.path or '<root>') if first else '':<40} {site.pattern if first else '':<10} "
+                    f"{(site.activation or '-') if first else '':<9} {_tail(m.name, 44):<44} "
+                    f"{f'{m.in_features}×{m.out_features}':>11} {'full' if m.rank is None else m.rank:>6} "
+                    f"{m.break_even_rank:>10} {m.params:>10}"
+                )
+        if self.skipped:
+            lines.append("  skipped:")
+            lines += [f"    {s.path or '<root>'} ({s.pattern}): {s.reason}" for s in self.skipped]
+        if self.model_params:
+            lines.append(
+                f"  parameters at the sites: {self.site_params:,} of {self.model_params:,} "
+                f"({100.0 * self.site_params / self.model_params:.1f}% of the model)"
+            )
+        return "\n".join(lines)
+
+
 def _tail(text: str, width: int) -> str:
     return text if len(text) <= width else "…" + text[-(width - 1) :]
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from helpers import WORDS, tiny_model, word_tokenizer
 
+import neuronmm_fx
 from neuronmm_fx.cli import main
 
 
@@ -21,6 +22,9 @@ def saved(tmp_path_factory):
     (root / "text.txt").write_text(" ".join(WORDS[i] for i in words))
     args = ["compress", str(root / "dense"), "--ratio", "0.2", "--block", "8", "--method", "svd"]
     assert main([*args, "--allocation", "uniform", "--quiet", "--save", str(root / "out")]) == 0
+    (root / "empty").mkdir()
+    (root / "broken").mkdir()
+    (root / "broken" / "neuronmm_recipe.json").write_text("{ not json")
     return root
 
 
@@ -41,6 +45,49 @@ def test_inspect_prints_the_report_and_its_json_fields(saved, capsys):
     assert all({"name", "in_features", "out_features", "rank", "method"} <= set(m) for m in matrices)
     # the uniform rule at ratio 0.2 on 64×128 matrices, block 8: 80 % of 64·128/(64+128) = 34.1 → 32
     assert {m["method"] for m in matrices} == {"svd"} and {m["rank"] for m in matrices} == {32}
+
+
+def test_inspect_of_a_dense_model_lists_the_sites_to_compress_and_changes_nothing(saved, capsys, tmp_path):
+    from neuronmm_fx import survey
+
+    capsys.readouterr()
+    assert main(["inspect", str(saved / "dense"), "--json"]) == 0
+    described = json.loads(capsys.readouterr().out)
+    assert described["compressed"] is False and described["model_class"] == "LlamaForCausalLM"
+    assert [site["path"] for site in described["sites"]] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    matrices = [m for site in described["sites"] for m in site["matrices"]]
+    assert [(m["role"], m["in_features"], m["out_features"]) for m in matrices[:3]] == [
+        ("gate", 64, 128),
+        ("up", 64, 128),
+        ("down", 128, 64),
+    ]
+    # 42·(64+128) = 8064 < 64·128 = 8192 ≤ 43·(64+128): rank 42 is the last that saves parameters
+    assert {m["break_even_rank"] for m in matrices} == {42} and {m["rank"] for m in matrices} == {None}
+    assert described["site_params"] == 6 * 64 * 128 == sum(m["params"] for m in matrices)
+    assert described["model_params"] == sum(p.numel() for p in tiny_model("llama").parameters())
+    assert main(["inspect", str(saved / "dense"), "--plot", str(tmp_path / "sites.png")]) == 0
+    out = capsys.readouterr().out
+    assert "2 site(s) to compress" in out and "not compressed" in out
+    assert (tmp_path / "sites.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    model = tiny_model("llama")
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    found = survey(model, exclude=("*layers.0*",))
+    assert [site.path for site in found.sites] == ["model.layers.1.mlp"]
+    assert [(s.path, s.reason) for s in found.skipped] == [
+        ("model.layers.0.mlp", "excluded by pattern '*layers.0*'")
+    ]
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert all(isinstance(m, torch.nn.Linear) for n, m in model.named_modules() if n.endswith("_proj"))
+    from neuronmm_fx.plots import plot_survey
+
+    figure = plot_survey(found, tmp_path / "one.png")
+    for axes in figure.axes:
+        assert axes.get_title() and axes.get_xlabel() and axes.get_ylabel()
+    assert sorted(round(p.get_height()) for p in figure.axes[0].patches) == [42, 42, 42, 64, 64, 64]
+    with pytest.raises(neuronmm_fx.NothingToCompressError, match="not matched by include=\\['nowhere'\\]"):
+        survey(model, include=("nowhere",))
 
 
 def test_eval_against_the_dense_model_prints_its_json_fields(saved, capsys):
@@ -71,8 +118,10 @@ def test_eval_against_the_dense_model_prints_its_json_fields(saved, capsys):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["inspect", "{root}/nowhere"], "is not a folder"),
-        (["inspect", "{root}/dense"], "is not a neuronmm_fx checkpoint"),
+        (["inspect", "{root}/nowhere"], "no model at {root}/nowhere"),
+        (["inspect", "{root}/empty"], "is neither a compressed checkpoint (no neuronmm_recipe.json) nor"),
+        (["inspect", "{root}/text.txt"], "is a file but not a .gguf model"),
+        (["inspect", "{root}/broken"], "is not a neuronmm_fx checkpoint (needs"),
         (["eval", "{root}/out", "--text", "{root}/missing.txt"], "--text {root}/missing.txt is not a file"),
         (["eval", "{root}/out", "--text", "{root}/text.txt", "--tokens", "1"], "must be at least 2"),
         (["compress", "{root}/out"], "is already a compressed checkpoint"),
@@ -189,7 +238,9 @@ def test_lm_eval_and_the_project_evaluator_agree_on_the_shipped_task(saved, caps
     capsys.readouterr()
     args = ["eval", str(saved / "out"), "--text", str(saved / "text.txt"), "--seq-len", "64"]
     assert main([*args, "--tasks", TEXT_TASK, "--json", "--quiet"]) == 0
-    figures = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    assert captured.err == ""  # --quiet: no progress bar or log line of lm-eval's
+    figures = json.loads(captured.out)
     metrics = figures["lm_eval"][TEXT_TASK]
     assert {"word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"} <= set(metrics)
     assert metrics["word_perplexity,none"] == pytest.approx(results[TEXT_TASK]["word_perplexity,none"])

@@ -31,7 +31,7 @@ EXTRA = {
 
 def test_the_tour_lists_every_tool():
     tools = [shlex.split(command)[1] for command in COMMANDS]
-    assert tools == ["compress", "inspect", "eval", "eval", "bench"]
+    assert tools == ["inspect", "compress", "inspect", "eval", "eval", "bench"]
     assert all(word in PYTHON for word in ("from_pretrained", "torch.compile", "save_compressed"))
 
 
@@ -52,7 +52,8 @@ def test_the_tour_runs_on_a_tiny_model(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "out" / "neuronmm_recipe.json").is_file() and (tmp_path / "ranks.png").is_file()
     output = capsys.readouterr().out
     assert (
-        "mean KL(dense ‖ model)" in output
+        "2 site(s) to compress" in output
+        and "mean KL(dense ‖ model)" in output
         and "lm-eval neuronmm_text" in output
         and "model compiled" in output
     )
