@@ -8,7 +8,9 @@
   rounds as error bars);
 * :func:`plot_traffic`: HBM traffic of the kernels against the token count (the kernel benchmark);
 * :func:`plot_quality`: perplexity against the MLP parameters removed, per method (the quality
-  benchmark).
+  benchmark);
+* :func:`plot_parallel`: modelled time of the tensor-parallel schemes against the TP degree (the
+  parallel cost benchmark).
 
 Each function writes the file and returns the matplotlib ``Figure`` (built without pyplot, so no
 display or global state is involved); every chart has a title and labelled axes.
@@ -198,6 +200,48 @@ def plot_quality(rows: list[dict], path: str | Path, title: str = "Perplexity ag
         axes.set_xlabel("share of MLP parameters removed")
         axes.set_ylabel("perplexity × dense")
         axes.legend(fontsize=7)
+    figure.suptitle(title)
+    figure.savefig(path, dpi=120)
+    return figure
+
+
+def plot_parallel(rows: list[dict], path: str | Path, title: str = "Tensor-parallel MLP"):
+    """Modelled time per rank against the TP degree, one line per scheme, one column per model and
+    two rows (a decode step; a 2,048-token prefill).  ``rows`` are
+    :func:`neuronmm_fx.parallel.cost.table`'s for one ratio (the first ratio found is drawn)."""
+    if not rows:
+        raise ConfigError("no cost row to plot")
+    ratio = rows[0]["ratio"]
+    rows = [row for row in rows if row["ratio"] == ratio]
+    models = list(dict.fromkeys(row["model"] for row in rows))
+    schemes = list(dict.fromkeys(row["scheme"] for row in rows))
+    figure, grid = _figure(2, 4.5 * len(models), 7.0, columns=len(models))
+    for column, model in enumerate(models):
+        for line, (field, label) in enumerate(
+            (("decode_us", "decode step (µs)"), ("prefill_ms", "prefill 2K (ms)"))
+        ):
+            axes = grid[line * len(models) + column]
+            for scheme in schemes:
+                chosen = sorted(
+                    (r for r in rows if r["model"] == model and r["scheme"] == scheme), key=lambda r: r["tp"]
+                )
+                axes.plot([r["tp"] for r in chosen], [r[field] for r in chosen], marker="o", label=scheme)
+                picked = [r for r in chosen if r["picked"]]
+                axes.scatter(
+                    [r["tp"] for r in picked],
+                    [r[field] for r in picked],
+                    s=120,
+                    facecolors="none",
+                    edgecolors="black",
+                )
+            axes.set_xscale("log", base=2)
+            axes.set_xticks(
+                sorted({r["tp"] for r in rows}), [str(tp) for tp in sorted({r["tp"] for r in rows})]
+            )
+            axes.set_title(f"{model}, ratio {ratio}")
+            axes.set_xlabel("TP degree")
+            axes.set_ylabel(f"modelled {label}")
+            axes.legend(fontsize=7, title="circled: picked", title_fontsize=7)
     figure.suptitle(title)
     figure.savefig(path, dpi=120)
     return figure
