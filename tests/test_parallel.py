@@ -345,3 +345,83 @@ def test_auto_shards_each_site_with_the_scheme_the_cost_model_picks(runs):
     for result in (r["auto"] for r in ranks):
         assert result["schemes"] == result["picked"] and len(result["schemes"]) == 2
         assert result["relative_error"] <= 1e-5
+
+
+def test_auto_takes_the_fastest_scheme_whose_splits_are_whole_blocks_and_says_so():
+    from neuronmm_fx.parallel import _pick
+
+    shape = MLPShape.uniform(4096, 14336, 0.2)  # LLaMA-3.1-8B: r = 2432 = 19 blocks of 128
+    workload = cost.Workload()
+    assert cost.choose_scheme(shape, 4, workload=workload) == "r_sharded"
+    assert _pick("mlp", shape, 4, 128, "auto", cost.TRN2, workload) == (
+        "replicated",
+        "r_sharded is modelled faster, but the gate rank = 2432 does not split into 4 shards of whole "
+        "128-blocks (608 per rank)",
+    )
+    assert _pick("mlp", shape, 4, 32, "auto", cost.TRN2, workload) == ("r_sharded", "")  # 608 = 19 × 32
+    with pytest.raises(
+        neuronmm_fx.ConfigError, match="I \\(intermediate\\) = 14336 does not split into 3 shards"
+    ):
+        _pick("mlp", shape, 3, 128, "auto", cost.TRN2, workload)  # no scheme fits: the refusal of the first
+
+
+def test_the_torchrun_example_runs_on_two_processes():
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "tensor_parallel.py"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(example),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "2 MLP(s) sharded over 2 ranks (this is rank 0)" in done.stdout
+    difference = float(
+        re.search(r"max \|logit difference\| against the unsharded model: (\S+)", done.stdout)[1]
+    )
+    assert difference < 1e-4 and len(re.search(r"generated: \[(.*)\]", done.stdout)[1].split(",")) == 12
+
+
+def _compile_worker(rank: int, world: int, store: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from neuronmm_fx import backend
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    model = _optimized("llama")
+    ids = torch.randint(0, VOCAB, TOKENS, generator=torch.Generator().manual_seed(3))
+    results = {}
+    with torch.no_grad():
+        reference = model(ids).logits
+        for scheme in IMPLEMENTED:
+            backend.clear_records()
+            compiled = torch.compile(shard(copy.deepcopy(model), scheme=scheme), backend="neuronmm")
+            logits = compiled(ids).logits
+            results[scheme] = {
+                "relative_error": ((logits - reference).abs().max() / reference.abs().max()).item(),
+                "graphs": len(backend.records()),
+                "svd_mlp": sum(record.count("svd_mlp") for record in backend.records()),
+            }
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as file:
+        json.dump(results, file)
+    dist.destroy_process_group()
+
+
+def test_sharded_models_compile_with_the_neuronmm_backend(tmp_path):
+    mp.spawn(_compile_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        results = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for scheme in IMPLEMENTED:
+            assert results[scheme]["relative_error"] <= 1e-5
+            assert results[scheme]["graphs"] == 1  # no graph break at the functional collectives
+        assert results["replicated"]["svd_mlp"] == 2  # each rank's local part stays one fused op
+        assert results["r_sharded"]["svd_mlp"] == 0  # its local part is plain matmuls around the gather

@@ -50,6 +50,7 @@ class ShardedSite:
     collectives: list[Collective]
     weight_elements_per_rank: int
     weight_elements_whole: int
+    note: str = ""  # why ``auto`` did not take the scheme it models fastest
 
 
 @dataclass
@@ -73,6 +74,8 @@ class ParallelReport:
                 f"  {site.path or '<root>'}: {site.scheme}; {exchanged}; weights per rank "
                 f"{site.weight_elements_per_rank:,} ({share:.0%} of the site)"
             )
+            if site.note:
+                lines.append(f"    note: {site.note}")
         lines += [f"  left replicated: {path}: {why}" for path, why in self.unsharded]
         return "\n".join(lines)
 
@@ -93,14 +96,46 @@ def _block_of(model: nn.Module, block: int | None) -> int:
     return report.block
 
 
-def _check_split(path: str, what: str, size: int, tp: int, block: int, scheme: str) -> None:
-    if size % (tp * block):
-        raise ConfigError(
-            f"{path}: {what} = {size} does not split into {tp} shards of whole {block}-blocks "
-            f"({size / tp:g} per rank) under the {scheme!r} scheme; choose a TP degree for which "
-            f"{size} / TP is a multiple of {block}"
-            + (", or the 'replicated' scheme (it splits only I)" if scheme == "r_sharded" else "")
-        )
+def _misfit(shape: MLPShape, scheme: str, tp: int, block: int) -> tuple[str, int] | None:
+    """The first dimension ``scheme`` cannot split over ``tp`` ranks in whole ``block``-blocks, as
+    ``(name, size)``, or None."""
+    for what, size in split_sizes(shape, scheme).items():
+        if size % (tp * block):
+            return what, size
+    return None
+
+
+def _split_problem(misfit: tuple[str, int], tp: int, block: int) -> str:
+    what, size = misfit
+    return f"{what} = {size} does not split into {tp} shards of whole {block}-blocks ({size / tp:g} per rank)"
+
+
+def _refusal(path: str, misfit: tuple[str, int], scheme: str, tp: int, block: int) -> ConfigError:
+    advice = ", or the 'replicated' scheme (it splits only I)" if scheme == "r_sharded" else ""
+    return ConfigError(
+        f"{path or '<root>'}: {_split_problem(misfit, tp, block)} under the {scheme!r} scheme; choose a TP "
+        f"degree for which {misfit[1]} / TP is a multiple of {block}{advice}"
+    )
+
+
+def _pick(path: str, shape: MLPShape, tp: int, block: int, scheme: str, machine, workload) -> tuple[str, str]:
+    """The site's scheme, and a note when ``auto`` ruled out the one it models fastest."""
+    if scheme != "auto":
+        misfit = _misfit(shape, scheme, tp, block)
+        if misfit:
+            raise _refusal(path, misfit, scheme, tp, block)
+        return scheme, ""
+    fitting = tuple(s for s in IMPLEMENTED if _misfit(shape, s, tp, block) is None)
+    if not fitting:
+        raise _refusal(path, _misfit(shape, IMPLEMENTED[0], tp, block), IMPLEMENTED[0], tp, block)
+    fastest = choose_scheme(shape, tp, machine, workload)
+    chosen = choose_scheme(shape, tp, machine, workload, schemes=fitting)
+    if chosen == fastest:
+        return chosen, ""
+    return (
+        chosen,
+        f"{fastest} is modelled faster, but {_split_problem(_misfit(shape, fastest, tp, block), tp, block)}",
+    )
 
 
 def shard(
@@ -114,12 +149,12 @@ def shard(
 ) -> nn.Module:
     """Shard every compressed MLP of ``model`` over ``group`` (default: the whole world) in place.
 
-    ``scheme`` is ``"replicated"``, ``"r_sharded"`` or ``"auto"`` (per site, the scheme with the least
-    modelled time for ``workload`` (default: :class:`~neuronmm_fx.parallel.cost.Workload`, a
-    2,048-token prompt and 256 new tokens) on ``machine``).  Every split dimension must be a whole number of
-    ``block``-blocks per rank (the kernels' tile; read from the model's report when not given);
-    otherwise nothing is changed and the error names the site and the size.  Every rank must call
-    this on the same model.
+    ``scheme`` is ``"replicated"``, ``"r_sharded"`` or ``"auto"``: per site, among the schemes whose
+    splits are whole blocks, the one with the least modelled time for ``workload`` on ``machine``
+    (default :class:`~neuronmm_fx.parallel.cost.Workload`: a 2,048-token prompt, 256 new tokens).
+    Every split dimension must be a whole number of ``block``-blocks per rank (the kernels' tile;
+    read from the model's report when not given); otherwise nothing is changed and the error names
+    the site and the size.  Every rank must call this on the same model.
     """
     if scheme != "auto" and scheme not in IMPLEMENTED:
         raise ConfigError(f"unknown scheme {scheme!r}; choose 'auto' or one of {', '.join(IMPLEMENTED)}")
@@ -135,29 +170,22 @@ def shard(
         raise ConfigError(
             f"{type(model).__name__} has no compressed MLP to shard: run neuronmm_fx.optimize first"
         )
-    report = ParallelReport(tp, rank)
     plan = []
     for path, mlp in sites:  # every check before the first change
         shape = MLPShape.of(mlp)
-        chosen = (
-            choose_scheme(shape, tp, MACHINES[machine], workload or Workload())
-            if scheme == "auto"
-            else scheme
-        )
-        for what, size in split_sizes(shape, chosen).items():
-            _check_split(path or "<root>", what, size, tp, block, chosen)
-        cost = scheme_cost(shape, tp, chosen)
-        whole = sum(p.numel() for p in mlp.parameters())
-        plan.append((path, mlp, chosen, cost, shape, whole))
-    for path, module in model.named_modules():
-        if isinstance(module, LowRankLinear):
-            report.unsharded.append(
-                (path, "a low-rank chain outside a compressed MLP: its input and output layout is the user's")
-            )
-    for path, mlp, chosen, cost, shape, whole in plan:
+        chosen, note = _pick(path, shape, tp, block, scheme, MACHINES[machine], workload or Workload())
+        plan.append((path, mlp, shape, chosen, note))
+    report = ParallelReport(tp, rank)
+    report.unsharded = [
+        (path, "a low-rank chain outside a compressed MLP: its input and output layout is the user's")
+        for path, module in model.named_modules()
+        if isinstance(module, LowRankLinear)
+    ]
+    for path, mlp, shape, chosen, note in plan:
         sharded = ShardedMLP(mlp, chosen, group, rank, tp)
-        local = sum(p.numel() for p in sharded.parameters())
-        report.sites.append(ShardedSite(path, chosen, shape, cost.collectives, local, whole))
+        collectives = scheme_cost(shape, tp, chosen).collectives
+        local, whole = (sum(p.numel() for p in m.parameters()) for m in (sharded, mlp))
+        report.sites.append(ShardedSite(path, chosen, shape, collectives, local, whole, note))
         if not path:  # the model is one MLP: its sharded form is what the caller keeps
             model = sharded
             break
