@@ -195,6 +195,12 @@ def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
     )
     results["still_compressed"] = sum(isinstance(m, neuronmm_fx.CompressedMLP) for m in model.modules())
     results["xuv"] = _xuv_forms(rank, world, calls)
+    holder = torch.nn.Module()  # a compressed MLP beside a low-rank chain of its own
+    holder.mlp = copy.deepcopy(_optimized("llama").model.layers[0].mlp)
+    holder.proj = neuronmm_fx.LowRankLinear(neuronmm_fx.Factors(torch.randn(64, 8), torch.randn(8, 64)))
+    mixed = parallel_report(shard(holder, block=8))
+    results["mixed"] = {"sites": [s.path for s in mixed.sites], "unsharded": [p for p, _ in mixed.unsharded]}
+    results["mixed"]["text"] = str(mixed)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as file:
         json.dump(results, file)
     dist.destroy_process_group()
@@ -425,3 +431,10 @@ def test_sharded_models_compile_with_the_neuronmm_backend(tmp_path):
             assert results[scheme]["graphs"] == 1  # no graph break at the functional collectives
         assert results["replicated"]["svd_mlp"] == 2  # each rank's local part stays one fused op
         assert results["r_sharded"]["svd_mlp"] == 0  # its local part is plain matmuls around the gather
+
+
+def test_a_low_rank_chain_outside_an_mlp_is_left_replicated_and_reported(runs):
+    world, ranks = runs
+    for result in (r["mixed"] for r in ranks):
+        assert result["sites"] == ["mlp"] and result["unsharded"] == ["proj"]
+        assert "left replicated: proj: a low-rank chain outside a compressed MLP" in result["text"]
