@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import linecache
 import re
 from pathlib import Path
 
@@ -18,7 +19,10 @@ def test_the_document_has_its_two_worked_examples():
 
 @pytest.mark.parametrize("index", range(len(EXAMPLES)), ids=["add-a-pattern", "add-a-kernel"])
 def test_worked_example_runs(index):
-    exec(compile(EXAMPLES[index], f"{DOC.name}:example{index}", "exec"), {"__name__": "example"})
+    # the stand-in reads a kernel's source to check the NKI subset: give it the example's lines
+    filename = f"{DOC.name}:example{index}"
+    linecache.cache[filename] = (len(EXAMPLES[index]), None, EXAMPLES[index].splitlines(True), filename)
+    exec(compile(EXAMPLES[index], filename, "exec"), {"__name__": "example"})
 
 
 def test_the_readme_pipeline_table_names_every_file_of_the_package_once():

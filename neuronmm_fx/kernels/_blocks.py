@@ -49,21 +49,17 @@ def strip_from_xt(xt, mw, u, strip, s0, u_tile, acc):
     K, R = u.shape
     nk = cdiv(K, P)
     nchunks = cdiv(mw, MOV)
-    # moving operands x_views[kt][c] = X_sub^T[kt-tile, chunk c]; PSUM targets per chunk
-    x_views = [
-        [xt[0 : min(P, K - kt * P), kt, c * MOV : c * MOV + min(MOV, mw - c * MOV)] for c in range(nchunks)]
-        for kt in range(nk)
-    ]
-    acc_views = [acc[0:P, c, 0 : min(MOV, mw - c * MOV)] for c in range(nchunks)]
     for rt in range(cdiv(R, P)):
         rp = min(P, R - rt * P)
-        accs = [a[0:rp] for a in acc_views]
         for kt in range(nk):
             kp = min(P, K - kt * P)
             ut = u_tile[0:kp, (rt * nk + kt) % 2, 0:rp]
             nisa.dma_copy(dst=ut, src=u[kt * P : kt * P + kp, rt * P : rt * P + rp])
             for c in range(nchunks):
-                nisa.nc_matmul(accs[c], stationary=ut, moving=x_views[kt][c], accumulate=kt > 0)
+                cw = min(MOV, mw - c * MOV)
+                # moving: X_sub^T[kt-tile, chunk c]; the chunk's PSUM bank accumulates over kt
+                moving = xt[0:kp, kt, c * MOV : c * MOV + cw]
+                nisa.nc_matmul(acc[0:rp, c, 0:cw], stationary=ut, moving=moving, accumulate=kt > 0)
         for c in range(nchunks):
             cw = min(MOV, mw - c * MOV)
             # PSUM (fp32) -> SBUF strip in the compute dtype
@@ -85,7 +81,7 @@ def broadcast_bias(bias, dt, ps):
     """``None`` without a bias; else an SBUF (128, N) tile holding the (1, N) HBM row ``bias`` on
     every partition, made by rank-1 matmuls (``ones^T . row``) through the PSUM bank ``ps``
     ((128, 512) scratch).  SBUF: s*(128 + 512 + N) per partition."""
-    if bias is None:
+    if bias == None:  # noqa: E711 - NKI 0.3 compiles no `is`
         return None
     N = bias.shape[1]
     ones = nl.ndarray((1, P), dtype=dt, buffer=nl.sbuf)
@@ -124,28 +120,26 @@ def stream_second_factor(y, m0, mw, strip, R, w, w_blk, out_ps, out_sb, bias_bc,
     ``out_sb`` (SBUF (128, 2, 512)), which is then stored to HBM."""
     N = w.shape[1]
     nr = cdiv(R, P)
-    rps = [min(P, R - rt * P) for rt in range(nr)]
-    # stationary operands stat[t][rt] = strip[rt-tile, tokens t*128 ...]; the same for every slab
-    stat = [[strip[0 : rps[rt], rt, t0 : t0 + min(P, mw - t0)] for rt in range(nr)] for t0 in range(0, mw, P)]
     slot = 0
     for n0 in range(0, N, block_n):
         bn = min(block_n, N - n0)
         for rt in range(nr):
-            nisa.dma_copy(dst=w_blk[0 : rps[rt], rt, 0:bn], src=w[rt * P : rt * P + rps[rt], n0 : n0 + bn])
-        # moving operands of this slab: w_cols[j][rt] = W[rt-tile, n0 + j*512 : ...]
-        w_cols = [
-            [w_blk[0 : rps[rt], rt, j0 : j0 + min(MOV, bn - j0)] for rt in range(nr)]
-            for j0 in range(0, bn, MOV)
-        ]
-        for t, t0 in enumerate(range(0, mw, P)):
+            rp = min(P, R - rt * P)
+            nisa.dma_copy(dst=w_blk[0:rp, rt, 0:bn], src=w[rt * P : rt * P + rp, n0 : n0 + bn])
+        for t0 in range(0, mw, P):
             tp = min(P, mw - t0)
-            for j, j0 in enumerate(range(0, bn, MOV)):
+            for j0 in range(0, bn, MOV):
                 jw = min(MOV, bn - j0)
                 ps = out_ps[0:tp, slot, 0:jw]
                 for rt in range(nr):
-                    nisa.nc_matmul(ps, stationary=stat[t][rt], moving=w_cols[j][rt], accumulate=rt > 0)
+                    rp = min(P, R - rt * P)
+                    # stationary: the strip's rt-tile for tokens t0..; moving: the slab's columns j0..
+                    stationary = strip[0:rp, rt, t0 : t0 + tp]
+                    nisa.nc_matmul(
+                        ps, stationary=stationary, moving=w_blk[0:rp, rt, j0 : j0 + jw], accumulate=rt > 0
+                    )
                 ob = out_sb[0:tp, slot, 0:jw]
-                if bias_bc is None:
+                if bias_bc == None:  # noqa: E711 - NKI 0.3 compiles no `is`
                     nisa.tensor_copy(dst=ob, src=ps)
                 else:
                     nisa.tensor_tensor(

@@ -232,7 +232,7 @@ def svd_mlp(x, act_u, act_v, act_bias, up_u, up_v, up_bias, down_u, down_v, down
     from ..activations import check_activation
     from . import planner
     from .costs import MlpShape
-    from .mlp import svd_mlp_fused
+    from .mlp import check_mlp_launch, svd_mlp_fused
 
     check_activation(activation)
     dname = _check_dtype(x)
@@ -274,6 +274,8 @@ def svd_mlp(x, act_u, act_v, act_bias, up_u, up_v, up_bias, down_u, down_v, down
         return _svd_mlp_split(
             x, act_u, act_v, act_bias, up_u, up_v, up_bias, down_u, down_v, down_bias, activation
         )
+    dense_in = act_v is None or (gated and up_v is None)
+    check_mlp_launch(activation, I, dense_in, down_v is None, plan.kernel_kwargs())
     dt = x.dtype
     args = (x2, _cast(act_u, dt), _cast(act_v, dt), _cast(act_bias, dt, (I, 1)))
     args += (_cast(up_u, dt), _cast(up_v, dt), _cast(up_bias, dt, (I, 1)))

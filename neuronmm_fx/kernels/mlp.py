@@ -21,14 +21,32 @@ from ._nki import nisa, nki, nl
 ACTIVATIONS = ACTIVATION_NAMES
 """Activation names accepted by :func:`svd_mlp_fused`: those of :mod:`neuronmm_fx.activations`."""
 
-_NL_NAME = {"gelu_tanh": "gelu_apprx_tanh"}
-"""Where NKI spells an activation differently from :mod:`neuronmm_fx.activations`."""
-
 
 def activation_op(name: str):
-    """The ``nl`` activation function for one of :data:`ACTIVATIONS` (``ValueError`` otherwise)."""
-    name = check_activation(name)
-    return getattr(nl, _NL_NAME.get(name, name))
+    """The ``nl`` activation function for one of :data:`ACTIVATIONS` (``nl.relu`` for the last);
+    the name is checked on the host (:func:`check_mlp_launch`), since a kernel cannot raise."""
+    if name == "silu":
+        return nl.silu
+    if name == "gelu":
+        return nl.gelu
+    if name == "gelu_tanh":
+        return nl.gelu_apprx_tanh
+    return nl.relu
+
+
+def check_mlp_launch(
+    activation: str, intermediate: int, dense_in: bool, dense_down: bool, blocks: dict
+) -> None:
+    """Host-side checks of a :func:`svd_mlp_fused` launch (``ValueError``): a known activation, and
+    the block sizes its dense projections need (the planner's plans always pass)."""
+    check_activation(activation)
+    if dense_down and blocks["block_i"] < intermediate:
+        raise ValueError(
+            "a dense down projection needs the whole h^T on chip: "
+            f"block_i={blocks['block_i']} < I={intermediate}"
+        )
+    if dense_in and blocks["block_mx"] < blocks["block_m"]:
+        raise ValueError("a dense gate/up projection uses X_blk^T as its strip: block_mx must equal block_m")
 
 
 @nki.jit
@@ -104,42 +122,50 @@ def svd_mlp_fused(
     PSUM: ceil(BMX/512) banks (strip accumulation, reused by step C) + 2 (gate/up) + 2 (output).
     """
     M, K = x.shape
-    I = act_v.shape[1] if act_v is not None else act_u.shape[1]  # noqa: E741 - intermediate size
-    H = down_v.shape[1] if down_v is not None else down_u.shape[1]
-    gated = up_u is not None
+    lowrank_down = down_v != None  # noqa: E711 - NKI 0.3 compiles no `is`
+    I = act_u.shape[1]  # noqa: E741 - intermediate size
+    if act_v != None:  # noqa: E711
+        I = act_v.shape[1]  # noqa: E741
+    H = down_u.shape[1]
+    if lowrank_down:
+        H = down_v.shape[1]
+    gated = up_u != None  # noqa: E711
     dt = x.dtype
     act_fn = activation_op(activation)
     nk = cdiv(K, P)
     nI = cdiv(I, P)
     nbi = cdiv(block_i, P)
-    if down_v is None and block_i < I:
-        raise ValueError(f"a dense down projection needs the whole h^T on chip: block_i={block_i} < I={I}")
     y = nl.ndarray((M, H), dtype=dt, buffer=nl.shared_hbm)
 
-    # -- projections into the intermediate dimension: (first factor, second factor, rank) ------
-    ins = [(act_u, act_v)] + ([(up_u, up_v)] if gated else [])
-    lowrank_in = [v is not None for _, v in ins]
-    lowrank_down = down_v is not None
-    if not all(lowrank_in) and block_mx < block_m:
-        raise ValueError("a dense gate/up projection uses X_blk^T as its strip: block_mx must equal block_m")
+    # -- projections into the intermediate dimension: (first factor, second factor) -------------
+    ins = [(act_u, act_v)]
+    if gated:
+        ins.append((up_u, up_v))
+    lowrank_count = 0  # how many of ins are low-rank
+    for j in range(len(ins)):
+        if ins[j][1] != None:  # noqa: E711
+            lowrank_count = lowrank_count + 1
 
     xt = nl.ndarray((P, nk, block_mx), dtype=dt, buffer=nl.sbuf)
     strips = []  # (strip, contraction size R, second factor (R, I))
     lowrank_factors = []  # (first factor, its strip) of the low-rank projections, filled in step A
-    for (pu, pv), low in zip(ins, lowrank_in, strict=True):
-        if low:
+    for j in range(len(ins)):
+        pu, pv = ins[j]
+        if pv != None:  # noqa: E711
             r = pu.shape[1]
             strip = nl.ndarray((P, cdiv(r, P), block_m), dtype=dt, buffer=nl.sbuf)
             strips.append((strip, r, pv))
             lowrank_factors.append((pu, strip))
         else:
             strips.append((xt, K, pu))
-    u_tile = nl.ndarray((P, 2, P), dtype=dt, buffer=nl.sbuf) if any(lowrank_in) else None
-    sec = [nl.ndarray((P, cdiv(R, P), block_i), dtype=dt, buffer=nl.sbuf) for _, R, _ in strips]
+    u_tile = nl.ndarray((P, 2, P), dtype=dt, buffer=nl.sbuf) if lowrank_count > 0 else None
+    sec = []  # the second factors' slabs, one per strip
+    for j in range(len(strips)):
+        sec.append(nl.ndarray((P, cdiv(strips[j][1], P), block_i), dtype=dt, buffer=nl.sbuf))
     g_sb = nl.ndarray((P, MOV), dtype=nl.float32, buffer=nl.sbuf) if gated else None
     bias_cols = []
     for b in (act_bias, up_bias if gated else None):
-        if b is None:
+        if b == None:  # noqa: E711
             bias_cols.append(None)
             continue
         col = nl.ndarray((P, nI), dtype=nl.float32, buffer=nl.sbuf)
@@ -160,7 +186,7 @@ def svd_mlp_fused(
     out_sb = nl.ndarray((P, 2, MOV), dtype=dt, buffer=nl.sbuf)
 
     acc = None
-    if any(lowrank_in) or lowrank_down:
+    if lowrank_count > 0 or lowrank_down:
         acc = nl.ndarray((P, cdiv(block_mx, MOV), MOV), dtype=nl.float32, buffer=nl.psum)
     gu_ps = nl.ndarray((P, 2, MOV), dtype=nl.float32, buffer=nl.psum)
     out_ps = nl.ndarray((P, 2, MOV), dtype=nl.float32, buffer=nl.psum)
@@ -175,7 +201,8 @@ def svd_mlp_fused(
         for i0 in range(0, I, block_i):
             bi = min(block_i, I - i0)
             # B. h^T for features i0 : i0+bi
-            for (_, R, w2), blk in zip(strips, sec, strict=True):
+            for j in range(len(strips)):
+                R, w2, blk = strips[j][1], strips[j][2], sec[j]
                 for rt in range(cdiv(R, P)):
                     rp = min(P, R - rt * P)
                     nisa.dma_copy(dst=blk[0:rp, rt, 0:bi], src=w2[rt * P : rt * P + rp, i0 : i0 + bi])
@@ -185,16 +212,16 @@ def svd_mlp_fused(
                 for c0 in range(0, bm, MOV):
                     cw = min(MOV, bm - c0)
                     pre = []
-                    for j, ((strip, R, _), blk) in enumerate(zip(strips, sec, strict=True)):
+                    for j in range(len(strips)):
                         ps = gu_ps[0:ip, j, 0:cw]
-                        accumulate_tiles(ps, blk, il * P, ip, strip, c0, cw, R)
+                        accumulate_tiles(ps, sec[j], il * P, ip, strips[j][0], c0, cw, strips[j][1])
                         pre.append(ps)
                     hb = h[0:ip, il, c0 : c0 + cw]
-                    ab = None if bias_cols[0] is None else bias_cols[0][0:ip, ig : ig + 1]
+                    ab = None if bias_cols[0] == None else bias_cols[0][0:ip, ig : ig + 1]  # noqa: E711
                     if gated:
                         gs = g_sb[0:ip, 0:cw]
                         nisa.activation(dst=gs, op=act_fn, data=pre[0], bias=ab)
-                        if bias_cols[1] is None:
+                        if bias_cols[1] == None:  # noqa: E711
                             nisa.tensor_tensor(dst=hb, data1=pre[1], data2=gs, op=nl.multiply)
                         else:
                             nisa.scalar_tensor_tensor(

@@ -246,13 +246,18 @@ def test_svd_mlp_bfloat16(activation, M):
 def test_mlp_kernel_takes_every_activation_of_the_project():
     from neuronmm_fx.activations import ACTIVATION_NAMES
     from neuronmm_fx.kernels import nl
-    from neuronmm_fx.kernels.mlp import activation_op
+    from neuronmm_fx.kernels.mlp import activation_op, check_mlp_launch
 
     ops = {name: activation_op(name) for name in ACTIVATION_NAMES}
-    assert ops["gelu_tanh"] is nl.gelu_apprx_tanh and ops["silu"] is nl.silu
+    assert ops["gelu_tanh"] is nl.gelu_apprx_tanh and ops["silu"] is nl.silu and ops["relu"] is nl.relu
     assert len(set(map(id, ops.values()))) == len(ACTIVATION_NAMES)
-    with pytest.raises(ValueError, match="unknown activation 'swish'"):
-        activation_op("swish")
+    blocks = {"block_m": 256, "block_mx": 256, "block_i": 512, "block_n": 512}
+    with pytest.raises(ValueError, match="unknown activation 'swish'"):  # checked on the host
+        check_mlp_launch("swish", 512, False, False, blocks)
+    with pytest.raises(ValueError, match="needs the whole h\\^T on chip: block_i=512 < I=1024"):
+        check_mlp_launch("silu", 1024, False, True, blocks)
+    with pytest.raises(ValueError, match="block_mx must equal block_m"):
+        check_mlp_launch("silu", 512, True, False, {**blocks, "block_mx": 128})
 
 
 def test_xuv_and_mlp_shape_only_runs_count_without_values():

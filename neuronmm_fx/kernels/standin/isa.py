@@ -108,6 +108,7 @@ def dma_copy(dst, src, priority=None, oob_mode=None, dge_mode=None, engine=None,
     dst = _tensor(dst, "dst", op)
     src = _tensor(src, "src", op)
     rules.check_dma_ends(op, dst, src)
+    rules.check_dma_cast(op, dst, src, dge_mode)
     if dst.size != src.size:
         raise NkiRuleError(
             "elementwise-shape", f"{op}: dst {dst.shape} and src {src.shape} differ in element count"
@@ -208,6 +209,7 @@ def tensor_tensor(dst, data1, data2, op, engine=None, name=None):
     run = current_run()
     opn = "tensor_tensor"
     dst, data1, data2 = _engine_operands(opn, dst=dst, data1=data1, data2=data2)
+    rules.check_one_psum_operand(opn, data1=data1, data2=data2)
     _check_operator(opn, op, "alu")
     _count(run, "vector", dst)
     if not run.shape_only:
@@ -224,6 +226,7 @@ def scalar_tensor_tensor(
     run = current_run()
     opn = "scalar_tensor_tensor"
     dst, data, operand1 = _engine_operands(opn, dst=dst, data=data, operand1=operand1)
+    rules.check_one_psum_operand(opn, data=data, operand1=operand1)
     for o in (op0, op1):
         _check_operator(opn, o, "alu")
     v0 = _per_partition(operand0, opn, data, "operand0", run)

@@ -16,12 +16,15 @@ Rules
     ``matmul-moving-free``   moving free size <= 512 (one PSUM bank of fp32)
     ``matmul-shape`` / ``matmul-dtype``  result shape and operand dtypes
     ``dma-buffer``           DMA endpoints are HBM or SBUF (never PSUM)
+    ``dma-cast``             a DMA through the hardware DGE (``dge_mode="hwdge"``) does not convert dtypes
+    ``psum-operands``        a Vector/Scalar instruction reads at most one tensor operand from PSUM
     ``engine-buffer``        Vector/Scalar engine operands live in SBUF or PSUM (never HBM)
     ``elementwise-shape``    element-wise operands agree in partitions and elements per partition
     ``index``                out-of-bounds, empty or strided slices; indexing away the partition dim
     ``uninitialized-read``   reading on-chip or output memory that nothing wrote (numeric mode)
     ``output-unwritten``     a kernel returned an output with elements it never wrote (numeric mode)
     ``no-kernel``            an NKI call outside a kernel run
+    ``subset-*``             the kernel's Python leaves the subset NKI 0.3 compiles (:mod:`.subset`)
 
 The checks read tensors through two attributes only: ``t._a`` (the allocation, with ``kind``
 ``"hbm"``/``"sbuf"``/``"psum"`` and ``dtype``) and ``t.shape``; ``t.describe()`` names them in
@@ -129,6 +132,27 @@ def check_dma_ends(op: str, dst, src) -> None:
         what, t = ("dst", dst) if dst._a.kind == "psum" else ("src", src)
         raise NkiRuleError(
             "dma-buffer", f"{op}: {what} {t.describe()} is in PSUM; DMA moves data between HBM and SBUF"
+        )
+
+
+def check_one_psum_operand(op: str, **operands) -> None:
+    """At most one of an engine instruction's tensor inputs is in PSUM (the ISA's rule for
+    ``tensor_tensor`` and ``scalar_tensor_tensor``)."""
+    in_psum = [name for name, t in operands.items() if t._a.kind == "psum"]
+    if len(in_psum) > 1:
+        raise NkiRuleError(
+            "psum-operands",
+            f"{op}: {' and '.join(in_psum)} are both in PSUM; at most one input may be (copy one to SBUF)",
+        )
+
+
+def check_dma_cast(op: str, dst, src, dge_mode) -> None:
+    """A dtype-converting DMA is refused on the hardware DGE path (NKI 0.3: use swdge or none)."""
+    if dst._a.dtype != src._a.dtype and dge_mode == "hwdge":
+        raise NkiRuleError(
+            "dma-cast",
+            f"{op}: {src._a.dtype.name} -> {dst._a.dtype.name} with dge_mode='hwdge'; the hardware DGE "
+            "does not convert dtypes (dge_mode='swdge' or 'none' casts)",
         )
 
 

@@ -20,6 +20,7 @@ from .language import nl
 from .memory import NkiTensor, TensorSpec, wrap_input
 from .rules import NkiRuleError
 from .stats import RUN, KernelStats, Run
+from .subset import require_subset
 
 
 @dataclass
@@ -86,6 +87,7 @@ def run_kernel(kernel, *args, target: str | Target = "trn2", shape_only: bool = 
     fn = kernel.fn if isinstance(kernel, StandinKernel) else kernel
     if RUN.get() is not None:
         raise NkiRuleError("no-kernel", "run_kernel cannot be nested inside a kernel run")
+    require_subset(fn)  # what the NKI 0.3 compiler would refuse to compile
     run = Run(get_target(target), shape_only)
 
     def wrap(name, value):
