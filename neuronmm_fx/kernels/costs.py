@@ -71,6 +71,37 @@ def xuv_hbm_bytes(M: int, K: int, r: int, N: int, BM: int, BMX: int, size: int, 
     return size * (M * K + M * N + nsub * K * r + nb * r * N + (N if bias else 0))
 
 
+FIXED_PSUM_KBLOCKED = 4
+"""PSUM banks of :func:`~neuronmm_fx.kernels.xuv.xuv_kblocked`: two strip slabs, two output tiles."""
+
+
+def xuv_kblocked_sbuf_bytes(
+    K: int, r: int, N: int, BM: int, BK: int, BN: int, size: int, bias: bool, resident: bool, staged: bool
+) -> int:
+    """SBUF bytes per partition allocated by :func:`~neuronmm_fx.kernels.xuv.xuv_kblocked`
+    (``staged``: bf16 inputs, whose strip tiles are cast for the second product)."""
+    nk, nr, nbk = cdiv(K, P), cdiv(r, P), cdiv(BK, P)
+    second = size if staged else 4
+    b = 4 * nr * BM + size * nbk * BM + size * (nk if resident else nbk) * r
+    b += (size * nr * P if staged else 0) + second * nr * BN + size * 2 * BN
+    return b + (_broadcast_bias_bytes(N, size) if bias else 0)
+
+
+def xuv_kblocked_hbm_bytes(
+    M: int, K: int, r: int, N: int, BM: int, size: int, bias: bool, resident: bool
+) -> int:
+    nb = cdiv(M, BM)
+    return size * (M * K + M * N + nb * r * N + (1 if resident else nb) * K * r + (N if bias else 0))
+
+
+def capacity_bound_bytes(M: int, K: int, r: int, N: int, size: int, sbuf_partition_bytes: int) -> int:
+    """The capacity bound of a fused X.U.V that sums its strip over K slabs: ``X + Y + ceil(M/BM*)·(U
+    + V)``, BM* the largest token block whose strip (ceil(r/128) fp32 tiles of BM tokens) fits in
+    80 % of a partition's physical SBUF.  Staging buffers are ignored; keeping U resident goes below."""
+    bm_star = max(1, int(0.8 * sbuf_partition_bytes) // (4 * cdiv(r, P)))
+    return size * (M * K + M * N + cdiv(M, bm_star) * (K * r + r * N))
+
+
 def dense_sbuf_bytes(K: int, N: int, BM: int, BN: int, size: int, bias: bool) -> int:
     """SBUF bytes per partition allocated by :func:`~neuronmm_fx.kernels.xuv.matmul_dense`."""
     nk = cdiv(K, P)

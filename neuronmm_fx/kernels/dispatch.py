@@ -22,9 +22,16 @@ import contextvars
 from collections.abc import Iterator
 from typing import Any
 
+import torch
+
 _MODE: contextvars.ContextVar[str | None] = contextvars.ContextVar("neuronmm_kernel_mode", default=None)
 _TARGET: contextvars.ContextVar[str] = contextvars.ContextVar("neuronmm_standin_target", default="trn2")
 _LAST_STATS: contextvars.ContextVar[Any] = contextvars.ContextVar("neuronmm_last_stats", default=None)
+
+MAX_TOKENS_PER_LAUNCH = 8192
+"""Token rows per X.U.V launch: the kernels unroll their loops at trace time, so one launch of a
+32K-token prefill would be four times the instructions of this bound; the launcher splits instead
+(each launch re-reads the factors once per token block, as one long launch would)."""
 
 
 def active_mode() -> str | None:
@@ -170,11 +177,12 @@ def xuv(x, u, v, bias=None):
 
     x (..., K), u (K, r), v (r, N), bias (N,) or None -> (..., N) in x's dtype (float32,
     bfloat16 or float16; the factors are cast to it).  The bias is added in the kernel's epilogue
-    (while evacuating PSUM), not on the host.  If the fused kernel cannot be blocked for the
-    target's SBUF (:class:`~neuronmm_fx.kernels.planner.PlanError`), the unfused two-kernel chain
-    is used instead."""
+    (while evacuating PSUM), not on the host.  The form (fused, K-blocked fused or the unfused
+    two-kernel chain) is the planner's choice for the shape (:func:`~neuronmm_fx.kernels.planner.
+    choose_xuv`: the fewest HBM bytes).  Tokens go in launches of at most
+    :data:`MAX_TOKENS_PER_LAUNCH`, which bounds the unrolled kernel of a long prefill."""
     from . import planner
-    from .xuv import xuv_fused, xuv_unfused
+    from .xuv import xuv_fused, xuv_kblocked, xuv_unfused
 
     dname = _check_dtype(x)
     K = x.shape[-1]
@@ -188,15 +196,14 @@ def xuv(x, u, v, bias=None):
     M = x2.shape[0]
     if M == 0:
         return x.new_zeros(*x.shape[:-1], N)
-    tgt = standin_target()
-    try:
-        plan = planner.plan_xuv(M, K, r, N, dname, tgt, bias=bias is not None)
-        kernel = xuv_fused
-    except planner.PlanError:
-        plan = planner.plan_xuv_unfused(M, K, r, N, dname, tgt, bias=bias is not None)
-        kernel = xuv_unfused
     dt = x.dtype
-    return _run(kernel, plan, x, (x2, _cast(u, dt), _cast(v, dt), _cast(bias, dt, (1, N))))
+    weights = (_cast(u, dt), _cast(v, dt), _cast(bias, dt, (1, N)))
+    kernels = {"fused": xuv_fused, "kblocked": xuv_kblocked, "unfused": xuv_unfused}
+    outputs = []
+    for rows in x2.split(MAX_TOKENS_PER_LAUNCH):  # bounds the unrolled kernel of a long prefill
+        choice = planner.choose_xuv(rows.shape[0], K, r, N, dname, standin_target(), bias=bias is not None)
+        outputs.append(_run(kernels[choice.form], choice.plan, rows, (rows, *weights)))
+    return torch.cat(outputs).reshape(*x.shape[:-1], N)
 
 
 def dense(x, w, bias=None):
@@ -226,9 +233,10 @@ def svd_mlp(x, act_u, act_v, act_bias, up_u, up_v, up_bias, down_u, down_v, down
     dense and its ``*_u`` is the full (K_in, K_out) matrix (``y = x @ u``).  Biases may be None.
     ``activation`` is a name of :mod:`neuronmm_fx.activations` (``"silu"``, ``"gelu"`` (exact
     erf), ``"gelu_tanh"``, ``"relu"``).  Returns (..., H) in x's dtype; all biases are applied in
-    the kernel.  If the fused kernel cannot be blocked for the target, each projection runs as its
-    own X.U.V / X.W kernel and the activation and product are applied on the host between them
-    (h then goes through memory)."""
+    the kernel.  If the fused kernel cannot be blocked for the target, or running each projection
+    as its own X.U.V / X.W kernel moves fewer HBM bytes (:func:`~neuronmm_fx.kernels.planner.
+    choose_svd_mlp`: long prefills of large ranks), the projections run separately and the
+    activation and product are applied on the host between them (h then goes through memory)."""
     from ..activations import check_activation
     from . import planner
     from .costs import MlpShape
@@ -268,12 +276,12 @@ def svd_mlp(x, act_u, act_v, act_bias, up_u, up_v, up_bias, down_u, down_v, down
         return x.new_zeros(*x.shape[:-1], H)
     has_bias = (act_bias is not None, gated and up_bias is not None, down_bias is not None)
     shape = MlpShape(K, I, H, r_act, r_up, r_down, gated, *has_bias)
-    try:
-        plan = planner.plan_svd_mlp(M, shape, dname, standin_target())
-    except planner.PlanError:
+    choice = planner.choose_svd_mlp(M, shape, dname, standin_target())
+    if choice.form == "split":
         return _svd_mlp_split(
             x, act_u, act_v, act_bias, up_u, up_v, up_bias, down_u, down_v, down_bias, activation
         )
+    plan = choice.plan
     dense_in = act_v is None or (gated and up_v is None)
     check_mlp_launch(activation, I, dense_in, down_v is None, plan.kernel_kwargs())
     dt = x.dtype

@@ -40,6 +40,7 @@ from typing import ClassVar, NamedTuple
 import numpy as np
 
 from .costs import (
+    FIXED_PSUM_KBLOCKED,
     FIXED_PSUM_MLP,
     FIXED_PSUM_XUV,
     MlpShape,
@@ -51,6 +52,8 @@ from .costs import (
     mlp_psum_banks,
     mlp_sbuf_bytes,
     xuv_hbm_bytes,
+    xuv_kblocked_hbm_bytes,
+    xuv_kblocked_sbuf_bytes,
     xuv_sbuf_bytes,
 )
 from .targets import MOVING_FMAX as MOV
@@ -263,6 +266,92 @@ def _xuv_no_fit(env: _Env, K, r, N, tok, bias, sbuf) -> str:
     return msg
 
 
+@dataclass(frozen=True)
+class XuvKPlan(_Common):
+    """Blocks of the K-blocked fused kernel :func:`~neuronmm_fx.kernels.xuv.xuv_kblocked`."""
+
+    M: int = 0
+    K: int = 0
+    r: int = 0
+    N: int = 0
+    bias: bool = False
+    block_m: int = 0
+    block_k: int = 0
+    block_n: int = 0
+    u_resident: int = 0
+
+    _BLOCKS: ClassVar = (
+        ("block_m", "BM"),
+        ("block_k", "BK"),
+        ("block_n", "BN"),
+        ("u_resident", "U_resident"),
+    )
+
+
+def plan_xuv_kblocked(
+    M: int,
+    K: int,
+    r: int,
+    N: int,
+    dtype="bfloat16",
+    target: str | Target = "trn2",
+    *,
+    bias: bool = False,
+    sbuf_fraction: float = DEFAULT_SBUF_FRACTION,
+) -> XuvKPlan:
+    """Blocks for :func:`~neuronmm_fx.kernels.xuv.xuv_kblocked`: for each K slab BK (128 to 2048)
+    and column block BN, with U resident when it fits, the largest token block BM that fits SBUF;
+    the least HBM traffic wins, then the shorter roofline time, then the larger BN (larger stores)."""
+    _check_dims(M=M, K=K, r=r, N=N)
+    dname, _ = dtype_name_size(dtype)
+    staged = dname == "bfloat16"
+    # TensorE: X.U at the input precision; strip.V at fp32 speed unless staged in bf16
+    env = _env(target, dtype, sbuf_fraction, M * r * K)
+    t_te = env.t_te + M * r * N / (P * P) * (1 if staged else 4) / env.tgt.clock_hz
+    s = env.size
+    best = None
+    for BK in _col_candidates(cdiv(K, P) * P, (128, 256, 512, 1024, 2048)):
+        for BN in _col_candidates(N, (512, 1024, 2048)):
+            for resident in (0, 1):
+
+                def sbuf(BM, BK=BK, BN=BN, resident=resident):
+                    return xuv_kblocked_sbuf_bytes(K, r, N, BM, BK, BN, s, bias, bool(resident), staged)
+
+                bm_max = (env.budget - sbuf(0)) // (sbuf(1) - sbuf(0))
+                if bm_max < min(M, P):
+                    continue
+                BM = M if bm_max >= M else bm_max // P * P
+                traffic = xuv_kblocked_hbm_bytes(M, K, r, N, BM, s, bias, bool(resident))
+                t = max(t_te, traffic / env.tgt.hbm_bytes_per_s)
+                key = (traffic, t, -BN, resident, -BK)
+                if best is None or key < best[0]:
+                    best = (key, BM, BK, BN, resident, traffic, t)
+    if best is None:
+        raise PlanError(
+            f"K-blocked fused X.U.V with r={r}, N={N} ({env.dtype}) does not fit {env.tgt.name}: even "
+            f"BM={min(M, P)}, BK=128, BN={min(N, 512)} needs more than the {env.budget / 1024:.1f} KiB budget"
+        )
+    _, BM, BK, BN, resident, traffic, t = best
+    return XuvKPlan(
+        target=env.tgt.name,
+        dtype=env.dtype,
+        sbuf_bytes=xuv_kblocked_sbuf_bytes(K, r, N, BM, BK, BN, s, bias, bool(resident), staged),
+        sbuf_budget=env.budget,
+        psum_banks=FIXED_PSUM_KBLOCKED,
+        hbm_bytes=traffic,
+        estimated_time_s=t,
+        M=M,
+        K=K,
+        r=r,
+        N=N,
+        bias=bias,
+        block_m=BM,
+        block_k=BK,
+        block_n=BN,
+        u_resident=resident,
+    )
+
+
 def plan_dense(
     M: int,
     K: int,
@@ -338,6 +427,57 @@ def plan_xuv_unfused(
     )
 
 
+@dataclass(frozen=True)
+class XuvChoice:
+    """The form :func:`choose_xuv` picks for one X.U.V, with every candidate's plan (None: does not
+    fit) so that reports can show what was compared."""
+
+    form: str  # "fused" (xuv_fused), "kblocked" (xuv_kblocked) or "unfused"
+    plan: XuvPlan | XuvKPlan | UnfusedPlan
+    candidates: dict
+
+    @property
+    def hbm_bytes(self) -> int:
+        return self.plan.hbm_bytes
+
+
+XUV_FORMS = ("fused", "kblocked", "unfused")
+
+
+def choose_xuv(
+    M: int,
+    K: int,
+    r: int,
+    N: int,
+    dtype="bfloat16",
+    target: str | Target = "trn2",
+    *,
+    bias: bool = False,
+    sbuf_fraction: float = DEFAULT_SBUF_FRACTION,
+) -> XuvChoice:
+    """The X.U.V form that moves the fewest HBM bytes (then: the shorter modelled time) among the
+    two fused kernels and the unfused chain, each with its own best blocks.  So the chosen form
+    never moves more than the cheaper of fused and unfused."""
+    planners = {"fused": plan_xuv, "kblocked": plan_xuv_kblocked, "unfused": plan_xuv_unfused}
+    candidates = {}
+    for form, make in planners.items():
+        try:
+            candidates[form] = make(M, K, r, N, dtype, target, bias=bias, sbuf_fraction=sbuf_fraction)
+        except PlanError:
+            candidates[form] = None
+    fitting = {form: plan for form, plan in candidates.items() if plan is not None}
+    if not fitting:
+        raise PlanError(f"no X.U.V form fits K={K}, r={r}, N={N} ({dtype}) on {get_target(target).name}")
+    form = min(fitting, key=lambda f: (fitting[f].hbm_bytes, _time_of(fitting[f]), XUV_FORMS.index(f)))
+    return XuvChoice(form, fitting[form], candidates)
+
+
+def _time_of(plan) -> float:
+    if isinstance(plan, UnfusedPlan):
+        return plan.first.estimated_time_s + plan.second.estimated_time_s
+    return plan.estimated_time_s
+
+
 # ----------------------------------------------------------------------------------------------
 # the (compressed) MLP
 
@@ -393,6 +533,45 @@ def plan_svd_mlp(
     b = per_bi[BI]
     sbuf = mlp_sbuf_bytes(sh, b.BM, b.BMX, BI, b.BN, s)
     return MlpPlan._of(env, b, sbuf, mlp_psum_banks(sh, b.BMX), M=M, shape=sh, block_i=BI)
+
+
+@dataclass(frozen=True)
+class MlpChoice:
+    """How :func:`choose_svd_mlp` runs an MLP: ``"fused"`` (the MLP kernel, ``plan``) or ``"split"``
+    (each projection as its own X.U.V / X.W launch, h through HBM), with both traffics."""
+
+    form: str
+    plan: MlpPlan | None
+    fused_bytes: int | None  # None: the MLP kernel does not fit
+    split_bytes: int
+
+
+def split_mlp_bytes(M: int, sh: MlpShape, dtype="bfloat16", target: str | Target = "trn2") -> int:
+    """HBM bytes of an MLP run projection by projection: each projection's chosen form, plus the
+    element-wise pass between them (gated: read both branches, write h; plain: read and write h)."""
+    _, s = dtype_name_size(dtype)
+
+    def projection(k_in, k_out, r, bias):
+        if r is None:
+            return plan_dense(M, k_in, k_out, dtype, target, bias=bias).hbm_bytes
+        return choose_xuv(M, k_in, r, k_out, dtype, target, bias=bias).hbm_bytes
+
+    total = projection(sh.K, sh.I, sh.r_act, sh.act_bias)
+    if sh.gated:
+        total += projection(sh.K, sh.I, sh.r_up, sh.up_bias)
+    total += projection(sh.I, sh.H, sh.r_down, sh.down_bias)
+    return total + s * M * sh.I * (3 if sh.gated else 2)
+
+
+def choose_svd_mlp(M: int, shape: MlpShape, dtype="bfloat16", target: str | Target = "trn2") -> MlpChoice:
+    """The fused MLP kernel unless running the projections separately moves fewer HBM bytes (or
+    the kernel does not fit)."""
+    split = split_mlp_bytes(M, shape, dtype, target)
+    try:
+        plan = plan_svd_mlp(M, shape, dtype, target)
+    except PlanError:
+        return MlpChoice("split", None, None, split)
+    return MlpChoice("fused" if plan.hbm_bytes <= split else "split", plan, plan.hbm_bytes, split)
 
 
 def _mlp_no_fit(sh: MlpShape, env: _Env, tok: int) -> str:

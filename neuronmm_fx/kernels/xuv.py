@@ -13,7 +13,7 @@ one PSUM bank (128 x 512 fp32) per result tile.
 from __future__ import annotations
 
 from ._blocks import MOV, P, broadcast_bias, cdiv, load_x_transposed, stream_second_factor, strips_for_block
-from ._nki import nki, nl
+from ._nki import nisa, nki, nl
 
 
 @nki.jit
@@ -66,6 +66,139 @@ def xuv_fused(x, u, v, bias=None, block_m=512, block_mx=512, block_n=512):
         strips_for_block(x, m0, bm, block_mx, xt, [(u, strip)], u_tile, acc)
         # step 2: Y_blk = strip^T . V, V streamed
         stream_second_factor(y, m0, bm, strip, R, v, v_blk, out_ps, out_sb, bias_bc, block_n)
+    return y
+
+
+@nki.jit
+def xuv_kblocked(x, u, v, bias=None, block_m=512, block_k=512, block_n=1024, u_resident=0):
+    """Fused ``Y = X.U.V (+ bias)`` with the ``(X.U)`` strip summed over K slabs in fp32.
+
+    Shapes as :func:`xuv_fused`.  Made for large K (down projections) and long prefills: nothing
+    holds all of K for a token, so the token block BM is limited by the strip alone.
+
+    Dataflow per token block of ``block_m`` (BM) tokens:
+
+    1. For each K slab of ``block_k`` (BK) features: load ``X_slab^T`` (DMA transpose, BK on
+       partitions) and, unless U is resident, the ``U`` slab (BK x r); for every rank tile and
+       512-token chunk accumulate the slab's contraction in a PSUM bank (two banks alternate) and
+       add it into the fp32 SBUF strip ``(X_blk.U)^T`` (r x BM).  X is read once; U once per token
+       block, or once per kernel when ``u_resident`` (all of U loaded before the first block).
+    2. Stream V in r x BN slabs (once per token block).  For each 128-token tile the strip is the
+       stationary operand: bf16 inputs use a bf16 copy of the tile (cast once per tile and slab);
+       float32 and float16 inputs use the fp32 strip itself with V cast to fp32 on the way in, so
+       an fp16 ``X.U`` that would overflow fp16 stays finite, as in the reference.  Each output tile
+       accumulates all of r in one PSUM bank; the bias is added while evacuating into an SBUF row of
+       BN columns, which is stored with one DMA per 128-token tile (BN·s bytes per partition, 2 KiB
+       and more for BN >= 1024 in bf16/fp16, BN >= 512 in fp32).
+
+    SBUF per partition (s element size, s2 = 4 for fp32/fp16 inputs and s for bf16; nr = ceil(r/128),
+    nbk = ceil(BK/128), nk = ceil(K/128)), all allocated once:
+        strip (128, nr, BM) fp32           4*nr*BM
+        xt (128, nbk, BM)                  s*nbk*BM
+        U slab (128, nbk, r) / all of U    s*nbk*r  /  s*nk*r when resident
+        bf16 stationary tile (128, nr, 128) s*nr*128 (bf16 only)
+        V slab (128, nr, BN)               s2*nr*BN
+        out rows (128, 2, BN)              s*2*BN
+        bias (only with bias)              s*(128 + 512 + N)
+    PSUM: 2 banks for the strip slabs + 2 for the output tiles.
+    HBM traffic: X and Y once, V once per token block, U once per token block (once if resident).
+    """
+    M, K = x.shape
+    R = u.shape[1]
+    N = v.shape[1]
+    dt = x.dtype
+    nk = cdiv(K, P)
+    nr = cdiv(R, P)
+    nbk = cdiv(block_k, P)
+    staged = dt == nl.bfloat16  # fp32 and fp16 multiply the fp32 strip itself
+    second_dt = dt if staged else nl.float32
+    y = nl.ndarray((M, N), dtype=dt, buffer=nl.shared_hbm)
+
+    strip = nl.ndarray((P, nr, block_m), dtype=nl.float32, buffer=nl.sbuf)
+    xt = nl.ndarray((P, nbk, block_m), dtype=dt, buffer=nl.sbuf)
+    u_tiles = nbk
+    if u_resident:
+        u_tiles = nk
+    u_sb = nl.ndarray((P, u_tiles, R), dtype=dt, buffer=nl.sbuf)
+    stage = None
+    if staged:
+        stage = nl.ndarray((P, nr, P), dtype=dt, buffer=nl.sbuf)
+    v_blk = nl.ndarray((P, nr, block_n), dtype=second_dt, buffer=nl.sbuf)
+    out_sb = nl.ndarray((P, 2, block_n), dtype=dt, buffer=nl.sbuf)
+    acc = nl.ndarray((P, 2, MOV), dtype=nl.float32, buffer=nl.psum)
+    out_ps = nl.ndarray((P, 2, MOV), dtype=nl.float32, buffer=nl.psum)
+    bias_bc = broadcast_bias(bias, dt, out_ps[0:P, 0, 0:MOV])
+
+    if u_resident:
+        for kt in range(nk):
+            kp = min(P, K - kt * P)
+            nisa.dma_copy(dst=u_sb[0:kp, kt, 0:R], src=u[kt * P : kt * P + kp, 0:R])
+    slot = 0
+    row = 0
+    for m0 in range(0, M, block_m):
+        bm = min(block_m, M - m0)
+        # step 1: strip = sum over K slabs of (X_slab . U_slab)^T, in fp32
+        for k0 in range(0, K, block_k):
+            bk = min(block_k, K - k0)
+            for kt in range(cdiv(bk, P)):
+                kp = min(P, bk - kt * P)
+                src = x[m0 : m0 + bm, k0 + kt * P : k0 + kt * P + kp]
+                nisa.dma_transpose(dst=xt[0:kp, kt, 0:bm], src=src)
+                if u_resident == 0:
+                    nisa.dma_copy(dst=u_sb[0:kp, kt, 0:R], src=u[k0 + kt * P : k0 + kt * P + kp, 0:R])
+            u_first = 0
+            if u_resident:
+                u_first = k0 // P
+            for rt in range(nr):
+                rp = min(P, R - rt * P)
+                for c0 in range(0, bm, MOV):
+                    cw = min(MOV, bm - c0)
+                    ps = acc[0:rp, slot, 0:cw]
+                    for kt in range(cdiv(bk, P)):
+                        kp = min(P, bk - kt * P)
+                        stationary = u_sb[0:kp, u_first + kt, rt * P : rt * P + rp]
+                        nisa.nc_matmul(
+                            ps, stationary=stationary, moving=xt[0:kp, kt, c0 : c0 + cw], accumulate=kt > 0
+                        )
+                    dst = strip[0:rp, rt, c0 : c0 + cw]
+                    if k0 == 0:
+                        nisa.tensor_copy(dst=dst, src=ps)
+                    else:
+                        nisa.tensor_tensor(dst=dst, data1=dst, data2=ps, op=nl.add)
+                    slot = 1 - slot
+        # step 2: Y_blk = strip^T . V, V streamed in slabs, one store per 128-token tile and slab
+        for n0 in range(0, N, block_n):
+            bn = min(block_n, N - n0)
+            for rt in range(nr):
+                rp = min(P, R - rt * P)
+                nisa.dma_copy(dst=v_blk[0:rp, rt, 0:bn], src=v[rt * P : rt * P + rp, n0 : n0 + bn])
+            for t0 in range(0, bm, P):
+                tp = min(P, bm - t0)
+                if staged:
+                    for rt in range(nr):
+                        rp = min(P, R - rt * P)
+                        nisa.tensor_copy(dst=stage[0:rp, rt, 0:tp], src=strip[0:rp, rt, t0 : t0 + tp])
+                for j0 in range(0, bn, MOV):
+                    jw = min(MOV, bn - j0)
+                    ps = out_ps[0:tp, slot, 0:jw]
+                    for rt in range(nr):
+                        rp = min(P, R - rt * P)
+                        stationary = strip[0:rp, rt, t0 : t0 + tp]
+                        if staged:
+                            stationary = stage[0:rp, rt, 0:tp]
+                        nisa.nc_matmul(
+                            ps, stationary=stationary, moving=v_blk[0:rp, rt, j0 : j0 + jw], accumulate=rt > 0
+                        )
+                    ob = out_sb[0:tp, row, j0 : j0 + jw]
+                    if bias_bc == None:  # noqa: E711 - NKI 0.3 compiles no `is`
+                        nisa.tensor_copy(dst=ob, src=ps)
+                    else:
+                        nisa.tensor_tensor(
+                            dst=ob, data1=ps, data2=bias_bc[0:tp, n0 + j0 : n0 + j0 + jw], op=nl.add
+                        )
+                    slot = 1 - slot
+                nisa.dma_copy(dst=y[m0 + t0 : m0 + t0 + tp, n0 : n0 + bn], src=out_sb[0:tp, row, 0:bn])
+                row = 1 - row
     return y
 
 
