@@ -6,7 +6,8 @@
   parameters (``neuronmm-fx inspect MODEL``);
 * :func:`plot_latency`: per variant, prefill and decode latency (medians, with the range over the
   rounds as error bars);
-* :func:`plot_traffic`: HBM traffic of the kernels against the token count (the kernel benchmark);
+* :func:`plot_traffic`: HBM traffic and modelled time of the kernels against the token count (the
+  kernel benchmark);
 * :func:`plot_quality`: perplexity against the MLP parameters removed, per method (the quality
   benchmark);
 * :func:`plot_parallel`: modelled time of the tensor-parallel schemes against the TP degree (the
@@ -141,34 +142,39 @@ def plot_latency(summary: dict, path: str | Path, title: str = "Latency"):
     return figure
 
 
-def plot_traffic(rows: list[dict], path: str | Path, title: str = "HBM traffic of X·U·V kernels"):
-    """Log-log lines of HBM bytes against tokens, one panel per (shape, target): dense X·W, unfused
-    and fused X·U·V, and the compulsory traffic.  ``rows`` are ``benchmarks/kernel_traffic.py``'s
-    (keys ``key``, ``target``, ``M``, ``compulsory`` and per variant ``{"hbm": bytes}``)."""
-    panels = list(dict.fromkeys((row["key"], row["target"]) for row in rows))
-    if not panels:
+def plot_traffic(rows: list[dict], path: str | Path, title: str = "X·U·V and MLP kernels"):
+    """Per shape (``key``) on one target, two panels against the token count: HBM traffic of each
+    kernel variant with the reference line (``bound``: the capacity bound, or the compulsory
+    traffic), and each variant's modelled time.  ``rows`` are ``benchmarks/kernel_traffic.py``'s:
+    keys ``key``, ``target``, ``M``, ``bound`` and ``variants`` ``{name: {"hbm": bytes, "time": s}
+    or None}``; the first target found is drawn."""
+    if not rows:
         raise ConfigError("no traffic row to plot")
-    columns = 2 if len(panels) > 1 else 1
-    count = -(-len(panels) // columns)
-    figure, grid = _figure(count, 5.5 * columns, 3.6 * count, columns)
-    for axes, (key, target) in zip(grid, panels, strict=False):
-        chosen = sorted(
-            (row for row in rows if (row["key"], row["target"]) == (key, target)), key=lambda r: r["M"]
-        )
+    target = rows[0]["target"]
+    rows = [row for row in rows if row["target"] == target]
+    shapes = list(dict.fromkeys(row["key"] for row in rows))
+    figure, grid = _figure(len(shapes), 11.0, 3.2 * len(shapes), columns=2)
+    for index, key in enumerate(shapes):
+        chosen = sorted((row for row in rows if row["key"] == key), key=lambda r: r["M"])
         tokens = [row["M"] for row in chosen]
-        for variant, style in (("dense", "-"), ("unfused", "--"), ("fused", "-")):
-            axes.plot(tokens, [row[variant]["hbm"] / 1e6 for row in chosen], style, marker="o", label=variant)
-        axes.plot(tokens, [row["compulsory"] / 1e6 for row in chosen], ":", color="black", label="compulsory")
-        axes.set_xscale("log", base=2)
-        axes.set_yscale("log")
-        axes.set_title(f"{key} up_proj on {target}")
-        axes.set_xlabel("tokens M")
-        axes.set_ylabel("HBM traffic (MB)")
-        axes.legend(fontsize=7)
-    for axes in grid[len(panels) :]:
-        axes.set_visible(False)
+        traffic, time = grid[2 * index], grid[2 * index + 1]
+        names = list(dict.fromkeys(name for row in chosen for name in row["variants"]))
+        for name in names:
+            points = [(row["M"], row["variants"].get(name)) for row in chosen]
+            points = [(m, figures) for m, figures in points if figures]
+            xs = [m for m, _ in points]
+            traffic.plot(xs, [f["hbm"] / 1e6 for _, f in points], marker="o", label=name)
+            time.plot(xs, [f["time"] * 1e6 for _, f in points], marker="o", label=name)
+        traffic.plot(tokens, [row["bound"] / 1e6 for row in chosen], ":", color="black", label="bound")
+        for axes, label in ((traffic, "HBM traffic (MB)"), (time, "modelled time (µs)")):
+            axes.set_xscale("log", base=2)
+            axes.set_yscale("log")
+            axes.set_title(f"{key} on {target}: {label.split(' (')[0]}")
+            axes.set_xlabel("tokens M")
+            axes.set_ylabel(label)
+            axes.legend(fontsize=7)
     figure.suptitle(title)
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=110)
     return figure
 
 

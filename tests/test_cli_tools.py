@@ -202,23 +202,26 @@ def test_the_traffic_plot_draws_every_variant_per_shape_and_target(tmp_path):
     from neuronmm_fx.plots import plot_traffic
 
     def row(key, target, tokens):
-        return {
-            "key": key,
-            "target": target,
-            "M": tokens,
-            "compulsory": 10e6 * tokens,
-            **{v: {"hbm": (11 + i) * 1e6 * tokens} for i, v in enumerate(("dense", "unfused", "fused"))},
+        variants = {
+            v: {"hbm": (11 + i) * 1e6 * tokens, "time": (i + 1) * 1e-6 * tokens} for i, v in enumerate("ab")
         }
+        variants["c"] = (
+            None if tokens == 1 else {"hbm": 20e6 * tokens, "time": 5e-6 * tokens}
+        )  # c did not fit
+        return {"key": key, "target": target, "M": tokens, "bound": 10e6 * tokens, "variants": variants}
 
-    rows = [row(key, "trn2", m) for key in ("A", "B", "C") for m in (1, 128, 512)]
+    rows = [row(key, target, m) for key in ("A", "B") for target in ("trn2", "trn3") for m in (1, 128, 512)]
     figure = plot_traffic(rows, tmp_path / "traffic.png")
-    shown = [axes for axes in figure.axes if axes.get_visible()]
-    assert [axes.get_title() for axes in shown] == [f"{k} up_proj on trn2" for k in "ABC"]
-    for axes in shown:
-        assert axes.get_xlabel() == "tokens M" and axes.get_ylabel() == "HBM traffic (MB)"
-        assert [line.get_label() for line in axes.get_lines()] == ["dense", "unfused", "fused", "compulsory"]
-        assert list(axes.get_lines()[3].get_ydata()) == [10.0, 1280.0, 5120.0]  # MB
-    assert len(figure.axes) == 4 and not figure.axes[3].get_visible()  # 3 panels on a 2×2 grid
+    assert len(figure.axes) == 4  # two shapes on trn2 (the first target), traffic and time each
+    assert [axes.get_title() for axes in figure.axes] == [
+        f"{key} on trn2: {what}" for key in "AB" for what in ("HBM traffic", "modelled time")
+    ]
+    traffic, time = figure.axes[0], figure.axes[1]
+    assert traffic.get_ylabel() == "HBM traffic (MB)" and time.get_ylabel() == "modelled time (µs)"
+    assert [line.get_label() for line in traffic.get_lines()] == ["a", "b", "c", "bound"]
+    assert list(traffic.get_lines()[2].get_xdata()) == [128, 512]  # no point where c did not fit
+    assert list(traffic.get_lines()[3].get_ydata()) == [10.0, 1280.0, 5120.0]  # the bound, MB
+    assert list(time.get_lines()[1].get_ydata()) == [2.0, 256.0, 1024.0]  # µs
 
 
 def test_lm_eval_and_the_project_evaluator_agree_on_the_shipped_task(saved, capsys):

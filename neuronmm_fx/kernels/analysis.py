@@ -13,12 +13,12 @@ from typing import Any
 
 from .costs import MlpShape, dtype_name_size, mlp_macs
 from .mlp import svd_mlp_fused
-from .planner import plan_dense, plan_svd_mlp, plan_xuv, plan_xuv_unfused
+from .planner import plan_dense, plan_svd_mlp, plan_xuv, plan_xuv_kblocked, plan_xuv_unfused
 from .standin import KernelStats, TensorSpec, run_kernel
 from .targets import Target, get_target
-from .xuv import matmul_dense, xuv_fused, xuv_unfused
+from .xuv import matmul_dense, xuv_fused, xuv_kblocked, xuv_unfused
 
-VARIANTS = ("dense", "unfused", "fused")
+VARIANTS = ("dense", "unfused", "fused", "kblocked")
 
 
 @dataclass
@@ -62,8 +62,8 @@ def analyse_xuv(
     *,
     bias: bool = False,
 ) -> Analysis:
-    """Plan and count one ``Y = X.U.V`` (``variant`` fused / unfused) or ``Y = X.W`` (dense, with
-    W = U.V of the same shape) on ``target`` in shape-only mode."""
+    """Plan and count one ``Y = X.U.V`` (``variant`` fused / kblocked / unfused) or ``Y = X.W``
+    (dense, with W = U.V of the same shape) on ``target`` in shape-only mode."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     tgt = get_target(target)
@@ -82,6 +82,9 @@ def analyse_xuv(
         if variant == "fused":
             plan = plan_xuv(M, K, r, N, dname, tgt, bias=bias)
             kern = xuv_fused
+        elif variant == "kblocked":
+            plan = plan_xuv_kblocked(M, K, r, N, dname, tgt, bias=bias)
+            kern = xuv_kblocked
         else:
             plan = plan_xuv_unfused(M, K, r, N, dname, tgt, bias=bias)
             kern = xuv_unfused

@@ -185,3 +185,119 @@ def mlp_macs(sh: MlpShape, M: int) -> int:
     m = sum(sh.K * sh.I if r is None else r * (sh.K + sh.I) for r in sh.inputs)
     m += sh.I * sh.H if sh.r_down is None else sh.r_down * (sh.I + sh.H)
     return M * m
+
+
+# ----------------------------------------------------------------------------------------------
+# DMA queue time: every transfer's bytes over its efficiency (the stand-in's engine model)
+
+DMA_FULL_SPEED_BYTES = 2048
+"""Bytes one partition moves in one transfer from which a DMA runs near its peak bandwidth."""
+DMA_TRANSPOSE_CEILING = 0.9
+"""A transposing DMA runs below a plain copy: at most this fraction of peak."""
+
+
+def dma_efficiency(row_bytes: int, transpose: bool = False) -> float:
+    """Modelled fraction of peak bandwidth of a transfer that moves ``row_bytes`` per partition."""
+    efficiency = min(1.0, row_bytes / DMA_FULL_SPEED_BYTES)
+    return min(efficiency, DMA_TRANSPOSE_CEILING) if transpose else efficiency
+
+
+def _dma(moved: int, row_bytes: int, transpose: bool = False) -> float:
+    return moved / dma_efficiency(row_bytes, transpose)
+
+
+def _widths(total: int, block: int):
+    """The widths of ``total`` cut into blocks of ``block`` (the last one ragged)."""
+    for start in range(0, total, block):
+        yield min(block, total - start)
+
+
+def _bias_dma(N: int, size: int) -> float:
+    """:func:`~neuronmm_fx.kernels._blocks.broadcast_bias`: the (1, N) row in 512-column pieces."""
+    return sum(_dma(jw * size, jw * size) for jw in _widths(N, MOV))
+
+
+def _x_transposed_dma(tokens: int, K: int, size: int) -> float:
+    """:func:`~neuronmm_fx.kernels._blocks.load_x_transposed` of ``tokens`` rows."""
+    return sum(_dma(tokens * kp * size, tokens * size, True) for kp in _widths(K, P))
+
+
+def _u_tiles_dma(K: int, r: int, size: int) -> float:
+    """:func:`~neuronmm_fx.kernels._blocks.strip_from_xt`: U in 128 x 128 tiles, rows of 128 columns."""
+    return sum(_dma(kp * rp * size, rp * size) for rp in _widths(r, P) for kp in _widths(K, P))
+
+
+def _second_factor_dma(tokens: int, R: int, N: int, BN: int, size: int) -> float:
+    """:func:`~neuronmm_fx.kernels._blocks.stream_second_factor`: W slabs, Y in 512-column tiles."""
+    cost = 0.0
+    for bn in _widths(N, BN):
+        cost += sum(_dma(rp * bn * size, bn * size) for rp in _widths(R, P))
+        cost += sum(_dma(tp * jw * size, jw * size) for tp in _widths(tokens, P) for jw in _widths(bn, MOV))
+    return cost
+
+
+def xuv_dma_cost(M: int, K: int, r: int, N: int, BM: int, BMX: int, BN: int, size: int, bias: bool) -> float:
+    """DMA queue bytes of :func:`~neuronmm_fx.kernels.xuv.xuv_fused`."""
+    cost = _bias_dma(N, size) if bias else 0.0
+    for bm in _widths(M, BM):
+        for sw in _widths(bm, BMX):
+            cost += _x_transposed_dma(sw, K, size) + _u_tiles_dma(K, r, size)
+        cost += _second_factor_dma(bm, r, N, BN, size)
+    return cost
+
+
+def dense_dma_cost(M: int, K: int, N: int, BM: int, BN: int, size: int, bias: bool) -> float:
+    """DMA queue bytes of :func:`~neuronmm_fx.kernels.xuv.matmul_dense`."""
+    cost = _bias_dma(N, size) if bias else 0.0
+    for bm in _widths(M, BM):
+        cost += _x_transposed_dma(bm, K, size) + _second_factor_dma(bm, K, N, BN, size)
+    return cost
+
+
+def xuv_kblocked_dma_cost(
+    M: int,
+    K: int,
+    r: int,
+    N: int,
+    BM: int,
+    BK: int,
+    BN: int,
+    size: int,
+    bias: bool,
+    resident: bool,
+    staged: bool,
+) -> float:
+    """DMA queue bytes of :func:`~neuronmm_fx.kernels.xuv.xuv_kblocked`: X slabs transposed, U in
+    rows of r, V slabs (cast to fp32 on chip unless ``staged``), Y in rows of BN."""
+    on_chip_v = size if staged else 4
+    cost = _bias_dma(N, size) if bias else 0.0
+    if resident:
+        cost += sum(_dma(kp * r * size, r * size) for kp in _widths(K, P))
+    for bm in _widths(M, BM):
+        for bk in _widths(K, BK):
+            for kp in _widths(bk, P):
+                cost += _dma(bm * kp * size, bm * size, True)
+                if not resident:
+                    cost += _dma(kp * r * size, r * size)
+        for bn in _widths(N, BN):
+            cost += sum(_dma(rp * bn * size, bn * on_chip_v) for rp in _widths(r, P))
+            cost += sum(_dma(tp * bn * size, bn * size) for tp in _widths(bm, P))
+    return cost
+
+
+def mlp_dma_cost(sh: MlpShape, M: int, BM: int, BMX: int, BI: int, BN: int, size: int) -> float:
+    """DMA queue bytes of :func:`~neuronmm_fx.kernels.mlp.svd_mlp_fused`."""
+    s = size
+    cost = sh.bias_columns * sum(_dma(ip * s, 4) for ip in _widths(sh.I, P))  # (I, 1) -> fp32 columns
+    cost += _bias_dma(sh.H, s) if sh.down_bias else 0.0
+    second = [sh.K if r is None else r for r in sh.inputs]  # contraction of each h-producing product
+    for bm in _widths(M, BM):
+        for sw in _widths(bm, BMX):
+            cost += _x_transposed_dma(sw, sh.K, s)
+            cost += sum(_u_tiles_dma(sh.K, r, s) for r in sh.inputs if r is not None)
+        for bi in _widths(sh.I, BI):
+            cost += sum(_dma(rp * bi * s, bi * s) for R in second for rp in _widths(R, P))
+            if sh.r_down is not None:
+                cost += sum(_dma(ip * sh.r_down * s, sh.r_down * s) for ip in _widths(bi, P))
+        cost += _second_factor_dma(bm, sh.I if sh.r_down is None else sh.r_down, sh.H, BN, s)
+    return cost

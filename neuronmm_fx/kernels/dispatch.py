@@ -28,6 +28,11 @@ _MODE: contextvars.ContextVar[str | None] = contextvars.ContextVar("neuronmm_ker
 _TARGET: contextvars.ContextVar[str] = contextvars.ContextVar("neuronmm_standin_target", default="trn2")
 _LAST_STATS: contextvars.ContextVar[Any] = contextvars.ContextVar("neuronmm_last_stats", default=None)
 
+LNC = 1
+"""Launch grid of every kernel: one physical NeuronCore per launch (the planner's figures are per
+physical core).  On Trn2/Trn3 the compiler's default logical core pairs two (LNC = 2); the kernels
+do not split their work across the pair."""
+
 MAX_TOKENS_PER_LAUNCH = 8192
 """Token rows per X.U.V launch: the kernels unroll their loops at trace time, so one launch of a
 32K-token prefill would be four times the instructions of this bound; the launcher splits instead
@@ -137,7 +142,7 @@ def _run(kernel, plan, x, args, **const):
     """Run ``kernel`` on ``args`` (x's flattened rows first, then weights already in x's dtype) in the
     active mode; returns a torch tensor in x's dtype and device, shaped (*x.shape[:-1], out)."""
     if active_mode() == "nki":  # pragma: no cover - needs a Neuron device
-        out = kernel(*args, **plan.kernel_kwargs(), **const)
+        out = kernel[LNC](*args, **plan.kernel_kwargs(), **const)
     else:
         from ._nki import USING_STANDIN, nki
 

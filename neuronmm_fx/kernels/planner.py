@@ -26,8 +26,9 @@ intermediate block BI whose time is within 5 % of the best, since small BI multi
 Vector-engine work of the fp32 down-projection accumulator (not in the roofline).
 
 Nothing is keyed on sequence length: the same search runs for M = 1 and M = 32768.  The budget is
-``sbuf_fraction`` (default 0.9) of the target's SBUF per partition, leaving room for what the
-compiler allocates itself.  A shape that cannot fit raises :class:`PlanError` saying what would.
+``sbuf_fraction`` (default 1.0) of the target's usable SBUF per partition: the physical SBUF less
+what the compiler keeps (:data:`~neuronmm_fx.kernels.targets.COMPILER_RESERVED_SBUF`).  A shape
+that cannot fit raises :class:`PlanError` saying what would.
 """
 
 from __future__ import annotations
@@ -44,14 +45,18 @@ from .costs import (
     FIXED_PSUM_MLP,
     FIXED_PSUM_XUV,
     MlpShape,
+    dense_dma_cost,
     dense_hbm_bytes,
     dense_sbuf_bytes,
     dtype_name_size,
+    mlp_dma_cost,
     mlp_hbm_bytes,
     mlp_macs,
     mlp_psum_banks,
     mlp_sbuf_bytes,
+    xuv_dma_cost,
     xuv_hbm_bytes,
+    xuv_kblocked_dma_cost,
     xuv_kblocked_hbm_bytes,
     xuv_kblocked_sbuf_bytes,
     xuv_sbuf_bytes,
@@ -60,7 +65,7 @@ from .targets import MOVING_FMAX as MOV
 from .targets import PARTITIONS as P
 from .targets import Target, cdiv, get_target
 
-DEFAULT_SBUF_FRACTION = 0.9
+DEFAULT_SBUF_FRACTION = 1.0
 
 
 class PlanError(ValueError):
@@ -95,9 +100,14 @@ class _Env(NamedTuple):
 def _env(target, dtype, sbuf_fraction: float, macs: int) -> _Env:
     tgt = get_target(target)
     dname, s = dtype_name_size(dtype)
-    budget = int(tgt.sbuf_partition_bytes * sbuf_fraction)
+    budget = int(tgt.usable_sbuf_partition_bytes * sbuf_fraction)
     t_te = macs / (P * P) * (4 if s == 4 else 1) / tgt.clock_hz
     return _Env(tgt, dname, s, sbuf_fraction, budget, t_te)
+
+
+def _modelled_time(env: _Env, tensor_s: float, dma_cost: float) -> float:
+    """The longer of TensorE's time and the DMA queues' time (the engines overlap)."""
+    return max(tensor_s, dma_cost / env.tgt.hbm_bytes_per_s)
 
 
 class _Blocks(NamedTuple):
@@ -162,18 +172,29 @@ class _Common:
     hbm_bytes: int
     """Predicted HBM bytes (read + written) of one run."""
     estimated_time_s: float = field(default=0.0)
-    """Planner's roofline estimate (TensorE lower bound vs HBM); the stand-in counts the real one."""
+    """Modelled time: the longer of TensorE's lower bound and the DMA queues' time (every transfer
+    at the efficiency of its size, :func:`~neuronmm_fx.kernels.costs.dma_efficiency`)."""
+    dma_cost_bytes: float = field(default=0.0)
+    """HBM bytes weighted by their transfers' efficiencies (equals the stand-in's
+    ``dma_queue_bytes``)."""
 
     _BLOCKS: ClassVar[tuple[tuple[str, str], ...]] = ()
     """(field, label) of the plan's block sizes, in kernel-argument order."""
 
     @classmethod
-    def _of(cls, env: _Env, b: _Blocks, sbuf_bytes: int, psum_banks: int, **shape):
+    def _of(cls, env: _Env, b: _Blocks, sbuf_bytes: int, psum_banks: int, dma_cost: float, **shape):
         """The plan of the search result ``b``; ``shape`` are the plan's own fields."""
         blocks = {f: getattr(b, label) for f, label in cls._BLOCKS if label in b._fields}
         common = dict(target=env.tgt.name, dtype=env.dtype, sbuf_budget=env.budget, hbm_bytes=b.hbm)
+        modelled = _modelled_time(env, env.t_te, dma_cost)
         return cls(
-            **common, sbuf_bytes=sbuf_bytes, psum_banks=psum_banks, estimated_time_s=b.t, **blocks, **shape
+            **common,
+            sbuf_bytes=sbuf_bytes,
+            psum_banks=psum_banks,
+            estimated_time_s=modelled,
+            dma_cost_bytes=dma_cost,
+            **blocks,
+            **shape,
         )
 
     def as_dict(self) -> dict:
@@ -244,7 +265,8 @@ def plan_xuv(
     if b is None:
         raise PlanError(_xuv_no_fit(env, K, r, N, min(M, P), bias, sbuf))
     psum = cdiv(b.BMX, MOV) + FIXED_PSUM_XUV
-    return XuvPlan._of(env, b, sbuf(b.BM, b.BMX, b.BN), psum, M=M, K=K, r=r, N=N, bias=bias)
+    dma = xuv_dma_cost(M, K, r, N, b.BM, b.BMX, b.BN, s, bias)
+    return XuvPlan._of(env, b, sbuf(b.BM, b.BMX, b.BN), psum, dma, M=M, K=K, r=r, N=N, bias=bias)
 
 
 def _xuv_no_fit(env: _Env, K, r, N, tok, bias, sbuf) -> str:
@@ -252,8 +274,8 @@ def _xuv_no_fit(env: _Env, K, r, N, tok, bias, sbuf) -> str:
     msg = (
         f"fused X.U.V with K={K}, r={r}, N={N} ({env.dtype}{', bias' if bias else ''}) does not fit "
         f"{tgt.name}: even BM=BMX={tok}, BN={bn} needs {sbuf(tok, tok, bn) / 1024:.1f} KiB of SBUF per "
-        f"partition, over the budget of {env.budget / 1024:.1f} KiB ({env.fraction:.0%} of "
-        f"{tgt.sbuf_partition_bytes // 1024} KiB)."
+        f"partition, over the budget of {env.budget / 1024:.1f} KiB ({env.fraction:.0%} of the "
+        f"{tgt.usable_sbuf_partition_bytes / 1024:.1f} KiB usable of {tgt.sbuf_partition_bytes // 1024} KiB)."
     )
     r_fit = next((rr for rr in range(r - 1, 0, -1) if sbuf(tok, tok, bn, rr) <= env.budget), 0)
     if r_fit:
@@ -332,6 +354,7 @@ def plan_xuv_kblocked(
             f"BM={min(M, P)}, BK=128, BN={min(N, 512)} needs more than the {env.budget / 1024:.1f} KiB budget"
         )
     _, BM, BK, BN, resident, traffic, t = best
+    dma = xuv_kblocked_dma_cost(M, K, r, N, BM, BK, BN, s, bias, bool(resident), staged)
     return XuvKPlan(
         target=env.tgt.name,
         dtype=env.dtype,
@@ -339,7 +362,8 @@ def plan_xuv_kblocked(
         sbuf_budget=env.budget,
         psum_banks=FIXED_PSUM_KBLOCKED,
         hbm_bytes=traffic,
-        estimated_time_s=t,
+        estimated_time_s=_modelled_time(env, t_te, dma),
+        dma_cost_bytes=dma,
         M=M,
         K=K,
         r=r,
@@ -383,7 +407,8 @@ def plan_dense(
             f"{sbuf(tok, tok, bn) / 1024:.1f} KiB per partition over the {env.budget / 1024:.1f} KiB budget; "
             f"K must be at most about {(env.budget - s * 2 * MOV) // (s * (tok + bn)) * P}."
         )
-    return DensePlan._of(env, b, sbuf(b.BM, b.BM, b.BN), FIXED_PSUM_XUV, M=M, K=K, N=N, bias=bias)
+    dma = dense_dma_cost(M, K, N, b.BM, b.BN, s, bias)
+    return DensePlan._of(env, b, sbuf(b.BM, b.BM, b.BN), FIXED_PSUM_XUV, dma, M=M, K=K, N=N, bias=bias)
 
 
 @dataclass(frozen=True)
@@ -398,6 +423,15 @@ class UnfusedPlan:
     @property
     def sbuf_bytes(self) -> int:
         return max(self.first.sbuf_bytes, self.second.sbuf_bytes)
+
+    @property
+    def dma_cost_bytes(self) -> float:
+        return self.first.dma_cost_bytes + self.second.dma_cost_bytes
+
+    @property
+    def estimated_time_s(self) -> float:
+        """The two launches one after the other."""
+        return self.first.estimated_time_s + self.second.estimated_time_s
 
     def kernel_kwargs(self) -> dict:
         """The two launches' blocks as ``block_m1, block_n1, block_m2, block_n2``."""
@@ -468,14 +502,8 @@ def choose_xuv(
     fitting = {form: plan for form, plan in candidates.items() if plan is not None}
     if not fitting:
         raise PlanError(f"no X.U.V form fits K={K}, r={r}, N={N} ({dtype}) on {get_target(target).name}")
-    form = min(fitting, key=lambda f: (fitting[f].hbm_bytes, _time_of(fitting[f]), XUV_FORMS.index(f)))
+    form = min(fitting, key=lambda f: (fitting[f].hbm_bytes, fitting[f].estimated_time_s, XUV_FORMS.index(f)))
     return XuvChoice(form, fitting[form], candidates)
-
-
-def _time_of(plan) -> float:
-    if isinstance(plan, UnfusedPlan):
-        return plan.first.estimated_time_s + plan.second.estimated_time_s
-    return plan.estimated_time_s
 
 
 # ----------------------------------------------------------------------------------------------
@@ -532,46 +560,60 @@ def plan_svd_mlp(
     BI = max(bi for bi, b in per_bi.items() if b.t <= 1.05 * t_best)
     b = per_bi[BI]
     sbuf = mlp_sbuf_bytes(sh, b.BM, b.BMX, BI, b.BN, s)
-    return MlpPlan._of(env, b, sbuf, mlp_psum_banks(sh, b.BMX), M=M, shape=sh, block_i=BI)
+    dma = mlp_dma_cost(sh, M, b.BM, b.BMX, BI, b.BN, s)
+    return MlpPlan._of(env, b, sbuf, mlp_psum_banks(sh, b.BMX), dma, M=M, shape=sh, block_i=BI)
 
 
 @dataclass(frozen=True)
 class MlpChoice:
     """How :func:`choose_svd_mlp` runs an MLP: ``"fused"`` (the MLP kernel, ``plan``) or ``"split"``
-    (each projection as its own X.U.V / X.W launch, h through HBM), with both traffics."""
+    (each projection as its own X.U.V / X.W launch, h through HBM), with both forms' figures."""
 
     form: str
     plan: MlpPlan | None
     fused_bytes: int | None  # None: the MLP kernel does not fit
     split_bytes: int
+    fused_time_s: float | None
+    split_time_s: float
 
 
-def split_mlp_bytes(M: int, sh: MlpShape, dtype="bfloat16", target: str | Target = "trn2") -> int:
-    """HBM bytes of an MLP run projection by projection: each projection's chosen form, plus the
-    element-wise pass between them (gated: read both branches, write h; plain: read and write h)."""
+def _split_mlp(M: int, sh: MlpShape, dtype, target) -> tuple[int, float]:
+    """(HBM bytes, modelled seconds) of an MLP run projection by projection: each projection's chosen
+    form, plus the element-wise pass between them (gated: read both branches, write h; plain: read
+    and write h) at full DMA speed."""
     _, s = dtype_name_size(dtype)
 
     def projection(k_in, k_out, r, bias):
         if r is None:
-            return plan_dense(M, k_in, k_out, dtype, target, bias=bias).hbm_bytes
-        return choose_xuv(M, k_in, r, k_out, dtype, target, bias=bias).hbm_bytes
+            plan = plan_dense(M, k_in, k_out, dtype, target, bias=bias)
+        else:
+            plan = choose_xuv(M, k_in, r, k_out, dtype, target, bias=bias).plan
+        return plan.hbm_bytes, plan.estimated_time_s
 
-    total = projection(sh.K, sh.I, sh.r_act, sh.act_bias)
+    parts = [projection(sh.K, sh.I, sh.r_act, sh.act_bias)]
     if sh.gated:
-        total += projection(sh.K, sh.I, sh.r_up, sh.up_bias)
-    total += projection(sh.I, sh.H, sh.r_down, sh.down_bias)
-    return total + s * M * sh.I * (3 if sh.gated else 2)
+        parts.append(projection(sh.K, sh.I, sh.r_up, sh.up_bias))
+    parts.append(projection(sh.I, sh.H, sh.r_down, sh.down_bias))
+    elementwise = s * M * sh.I * (3 if sh.gated else 2)
+    seconds = sum(t for _, t in parts) + elementwise / get_target(target).hbm_bytes_per_s
+    return sum(b for b, _ in parts) + elementwise, seconds
+
+
+def split_mlp_bytes(M: int, sh: MlpShape, dtype="bfloat16", target: str | Target = "trn2") -> int:
+    """HBM bytes of an MLP run projection by projection (see :func:`choose_svd_mlp`)."""
+    return _split_mlp(M, sh, dtype, target)[0]
 
 
 def choose_svd_mlp(M: int, shape: MlpShape, dtype="bfloat16", target: str | Target = "trn2") -> MlpChoice:
-    """The fused MLP kernel unless running the projections separately moves fewer HBM bytes (or
-    the kernel does not fit)."""
-    split = split_mlp_bytes(M, shape, dtype, target)
+    """The fused MLP kernel or the projections one by one, whichever has the shorter modelled time
+    (the fused kernel when it fits and ties)."""
+    split_bytes, split_time = _split_mlp(M, shape, dtype, target)
     try:
         plan = plan_svd_mlp(M, shape, dtype, target)
     except PlanError:
-        return MlpChoice("split", None, None, split)
-    return MlpChoice("fused" if plan.hbm_bytes <= split else "split", plan, plan.hbm_bytes, split)
+        return MlpChoice("split", None, None, split_bytes, None, split_time)
+    form = "fused" if plan.estimated_time_s <= split_time else "split"
+    return MlpChoice(form, plan, plan.hbm_bytes, split_bytes, plan.estimated_time_s, split_time)
 
 
 def _mlp_no_fit(sh: MlpShape, env: _Env, tok: int) -> str:

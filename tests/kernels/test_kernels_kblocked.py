@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_kernels_numerics import NP, _cast, _check, _rand, _round
 
-from neuronmm_fx.kernels import TensorSpec, dispatch, rank_for_ratio, run_kernel
+from neuronmm_fx.kernels import TensorSpec, analyse_xuv, dispatch, rank_for_ratio, run_kernel
 from neuronmm_fx.kernels.costs import capacity_bound_bytes
 from neuronmm_fx.kernels.planner import choose_xuv, plan_xuv_kblocked
 from neuronmm_fx.kernels.targets import get_target
@@ -80,6 +80,47 @@ def test_the_plan_equals_the_standin_count(hidden_in, hidden_out, M, dtype):
     assert stats.hbm_bytes == plan.hbm_bytes
     assert stats.peak_sbuf_bytes == plan.sbuf_bytes <= plan.sbuf_budget
     assert stats.peak_psum_banks == plan.psum_banks
+    assert stats.dma_queue_bytes == pytest.approx(plan.dma_cost_bytes, rel=1e-12)
+
+
+@pytest.mark.parametrize("target", ["trn2", "trn3"])
+@pytest.mark.parametrize("variant", ["dense", "unfused", "fused", "kblocked"])
+@pytest.mark.parametrize(
+    "shape", [(1, 2048, 1280, 8192), (700, 8192, 1280, 2048), (2048, 4096, 2432, 14336)], ids=str
+)
+def test_the_planner_models_every_kernel_as_the_standin_counts_it(shape, variant, target):
+    """Traffic, and the DMA queues' bytes at each transfer's efficiency, which set modelled time."""
+    a = analyse_xuv(*shape, "bfloat16", target, variant, bias=shape[0] == 700)
+    assert a.stats.hbm_bytes == a.plan.hbm_bytes
+    assert a.stats.dma_queue_bytes == pytest.approx(a.plan.dma_cost_bytes, rel=1e-12)
+    engines = a.stats.engine_times_s()
+    assert set(engines) == {"tensor", "vector", "scalar", "dma"}
+    assert a.stats.estimated_time_s == max(engines.values())
+    assert engines["dma"] == pytest.approx(a.plan.dma_cost_bytes / get_target(target).hbm_bytes_per_s)
+
+
+@pytest.mark.parametrize("M", [1, 600])
+def test_the_mlp_plan_models_its_dma_as_the_standin_counts_it(M):
+    from neuronmm_fx.kernels import MlpShape, analyse_svd_mlp
+
+    shape = MlpShape(512, 1408, 512, 256, 256, 384, True, True, True, True)
+    a = analyse_svd_mlp(M, shape, "bfloat16", "trn2")
+    assert a.stats.hbm_bytes == a.plan.hbm_bytes
+    assert a.stats.dma_queue_bytes == pytest.approx(a.plan.dma_cost_bytes, rel=1e-12)
+
+
+def test_narrow_transfers_cost_more_dma_time_than_their_bytes():
+    from neuronmm_fx.kernels.costs import dma_efficiency
+
+    assert dma_efficiency(4096) == 1.0 and dma_efficiency(2048) == 1.0
+    assert dma_efficiency(256) == 0.125  # a 128-column bf16 tile row
+    assert dma_efficiency(4096, transpose=True) == 0.9
+    # decode (one token): both fused kernels move the same bytes, but the K-blocked one reads U in
+    # rows of r columns rather than 128-column tiles, so the planner picks it
+    choice = choose_xuv(1, 2048, 1280, 8192, "bfloat16", "trn2")
+    fused, kblocked = choice.candidates["fused"], choice.candidates["kblocked"]
+    assert fused.hbm_bytes == kblocked.hbm_bytes and kblocked.dma_cost_bytes < fused.dma_cost_bytes
+    assert choice.form == "kblocked"
 
 
 @pytest.mark.parametrize("hidden_in, hidden_out", BENCH)

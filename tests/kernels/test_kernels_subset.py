@@ -214,3 +214,35 @@ def test_a_casting_dma_on_the_hardware_dge_is_refused():
     )
     out = run_kernel(kernel, np.full((4, 4), 1.5, np.float32), "swdge").outputs  # the software DGE casts
     np.testing.assert_array_equal(out.astype(np.float32), np.full((4, 4), 1.5, np.float32))
+
+
+def test_targets_state_their_dialect_usable_sbuf_and_the_launch_grid():
+    from neuronmm_fx.kernels.targets import COMPILER_RESERVED_SBUF, TARGETS
+    from neuronmm_fx.kernels.xuv import xuv_fused
+
+    assert sorted(TARGETS) == ["trn1", "trn2", "trn3"]
+    assert [t.runs_current_nki for t in TARGETS.values()] == [False, True, True]  # trn1: legacy dialect
+    assert TARGETS["trn3"].sbuf_partition_bytes == 256 * 1024 and TARGETS["trn3"].core == "NeuronCore-v4"
+    for target in TARGETS.values():
+        assert target.usable_sbuf_partition_bytes == target.sbuf_partition_bytes - COMPILER_RESERVED_SBUF
+    assert xuv_fused[1] is xuv_fused
+    with pytest.raises(NkiRuleError) as caught:
+        xuv_fused[2]
+    assert caught.value.rule == "lnc" and "written for one core" in str(caught.value)
+
+
+def test_sbuf_capacity_is_the_usable_share_not_the_physical_one():
+    from neuronmm_fx.kernels.targets import TARGETS
+
+    usable = TARGETS["trn2"].usable_sbuf_partition_bytes
+
+    def kernel(x, extra):
+        tile = nl.ndarray((128, (usable + extra) // 2), dtype=nl.bfloat16, buffer=nl.sbuf)
+        nisa.memset(tile, 0.0)
+        return _copy_out(x)
+
+    with pytest.raises(NkiRuleError) as caught:  # fits the 224 KiB, not what the compiler leaves
+        run_kernel(kernel, np.ones((1, 1), np.float32), 2)
+    assert caught.value.rule == "sbuf-capacity" and "207.5 KiB a kernel may use of the 224 KiB" in str(
+        caught.value
+    )

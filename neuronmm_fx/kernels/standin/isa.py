@@ -12,6 +12,7 @@ import types
 
 import numpy as np
 
+from ..costs import dma_efficiency
 from . import rules
 from .memory import NkiTensor
 from .rules import NkiRuleError
@@ -92,13 +93,20 @@ def _count(run: Run, engine: str, t: NkiTensor) -> None:
 # -- DMA -----------------------------------------------------------------------------------------
 
 
-def _count_dma(run: Run, dst: NkiTensor, src: NkiTensor) -> None:
+def _count_dma(run: Run, dst: NkiTensor, src: NkiTensor, transpose: bool = False) -> None:
     st = run.stats
     st.dma_count += 1
+    moved = 0
     if src._a.kind == "hbm":
-        st.hbm_read_bytes += src.size * src.itemsize
+        moved = src.size * src.itemsize
+        st.hbm_read_bytes += moved
     if dst._a.kind == "hbm":
-        st.hbm_write_bytes += dst.size * dst.itemsize
+        moved = dst.size * dst.itemsize
+        st.hbm_write_bytes += moved
+    if moved:  # what the DMA queues spend on it: its bytes at the efficiency of its row size
+        on_chip = src if dst._a.kind == "hbm" else dst
+        row_bytes = rules.partitions_and_free(on_chip)[1] * on_chip.itemsize
+        st.dma_queue_bytes += moved / dma_efficiency(row_bytes, transpose)
 
 
 def dma_copy(dst, src, priority=None, oob_mode=None, dge_mode=None, engine=None, name=None):
@@ -140,7 +148,7 @@ def dma_transpose(dst, src, axes=None, priority=None, dge_mode=None, oob_mode=No
         raise NkiRuleError(
             "elementwise-shape", f"{op}: dtype {src.dtype.name} -> {dst.dtype.name} not supported"
         )
-    _count_dma(run, dst, src)
+    _count_dma(run, dst, src, transpose=True)
     if not run.shape_only:
         dst.write(src.read(op).T)
     return dst

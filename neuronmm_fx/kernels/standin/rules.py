@@ -5,7 +5,8 @@ Every check raises :class:`NkiRuleError`, whose message starts with the rule's n
 
 Rules
     ``partition-dim``        a tile's first dimension is the partition dimension, at most 128
-    ``sbuf-capacity``        SBUF bytes per partition live at once <= 192 KiB (trn1) / 224 KiB (trn2)
+    ``sbuf-capacity``        SBUF bytes per partition live at once <= the usable share: 192 / 224 /
+                             256 KiB (trn1 / trn2 / trn3) less the compiler's 16.5 KiB
     ``psum-capacity``        PSUM banks live at once <= 8
     ``psum-bank``            a PSUM tile's innermost row must fit one 2 KiB bank per partition
     ``matmul-operands-sbuf`` ``nc_matmul`` reads both operands from SBUF
@@ -24,6 +25,7 @@ Rules
     ``uninitialized-read``   reading on-chip or output memory that nothing wrote (numeric mode)
     ``output-unwritten``     a kernel returned an output with elements it never wrote (numeric mode)
     ``no-kernel``            an NKI call outside a kernel run
+    ``lnc``                  a launch grid other than one core (``kernel[1](...)``)
     ``subset-*``             the kernel's Python leaves the subset NKI 0.3 compiles (:mod:`.subset`)
 
 The checks read tensors through two attributes only: ``t._a`` (the allocation, with ``kind``
@@ -71,11 +73,12 @@ def check_shape(kind: str, shape: tuple[int, ...]) -> None:
 
 def check_sbuf_room(live: int, need: int, tgt: Target, what: str) -> None:
     """``need`` more bytes per partition fit next to the ``live`` ones."""
-    if live + need > tgt.sbuf_partition_bytes:
+    if live + need > tgt.usable_sbuf_partition_bytes:
         raise NkiRuleError(
             "sbuf-capacity",
             f"allocating {what} ({need} B/partition) would make {live + need} B/partition of SBUF live, "
-            f"over the {tgt.sbuf_partition_bytes // 1024} KiB per partition of {tgt.name} ({tgt.core})",
+            f"over the {tgt.usable_sbuf_partition_bytes / 1024:.1f} KiB a kernel may use of the "
+            f"{tgt.sbuf_partition_bytes // 1024} KiB per partition of {tgt.name} ({tgt.core})",
         )
 
 

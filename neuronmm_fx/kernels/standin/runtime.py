@@ -40,6 +40,15 @@ class StandinKernel:
         self.fn = fn
         functools.update_wrapper(self, fn)
 
+    def __getitem__(self, grid):
+        """``kernel[grid](...)``: the SPMD launch grid, one program per physical core of the logical
+        core.  The project's kernels are written for one core (LNC = 1)."""
+        if grid not in (1, (1,)):
+            raise NkiRuleError(
+                "lnc", f"{self.fn.__name__} launched on grid {grid!r}; it is written for one core (grid 1)"
+            )
+        return self
+
     def __call__(self, *args, **kwargs):
         if RUN.get() is not None:  # called from inside a kernel: run it inline
             return self.fn(*args, **kwargs)
