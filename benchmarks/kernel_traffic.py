@@ -242,6 +242,7 @@ def main(argv=None) -> int:
             {
                 **row,
                 "bound": row["compulsory"],
+                "reference": "compulsory",
                 "variants": {"dense": row["dense"], "split": row["split"], "fused MLP": row["fused_mlp"]},
             }
             for row in mlp_rows

@@ -165,7 +165,8 @@ def plot_traffic(rows: list[dict], path: str | Path, title: str = "X·U·V and M
             xs = [m for m, _ in points]
             traffic.plot(xs, [f["hbm"] / 1e6 for _, f in points], marker="o", label=name)
             time.plot(xs, [f["time"] * 1e6 for _, f in points], marker="o", label=name)
-        traffic.plot(tokens, [row["bound"] / 1e6 for row in chosen], ":", color="black", label="bound")
+        reference = chosen[0].get("reference", "bound")
+        traffic.plot(tokens, [row["bound"] / 1e6 for row in chosen], ":", color="black", label=reference)
         for axes, label in ((traffic, "HBM traffic (MB)"), (time, "modelled time (µs)")):
             axes.set_xscale("log", base=2)
             axes.set_yscale("log")

@@ -310,6 +310,17 @@ class XuvKPlan(_Common):
     )
 
 
+def _balanced_block(M: int, bm_max: int) -> int:
+    """The token block for M tokens when at most ``bm_max`` fit: as few blocks as possible, of equal
+    size (a multiple of 16 tokens where that still fits).  The kernel takes any block size."""
+    if bm_max >= M:
+        return M
+    blocks = cdiv(M, bm_max)
+    even = cdiv(M, blocks)
+    rounded = cdiv(even, 16) * 16
+    return rounded if rounded <= bm_max else even
+
+
 def plan_xuv_kblocked(
     M: int,
     K: int,
@@ -322,8 +333,9 @@ def plan_xuv_kblocked(
     sbuf_fraction: float = DEFAULT_SBUF_FRACTION,
 ) -> XuvKPlan:
     """Blocks for :func:`~neuronmm_fx.kernels.xuv.xuv_kblocked`: for each K slab BK (128 to 2048)
-    and column block BN, with U resident when it fits, the largest token block BM that fits SBUF;
-    the least HBM traffic wins, then the shorter roofline time, then the larger BN (larger stores)."""
+    and column block BN, with U resident or not, the fewest token blocks that fit SBUF, of equal
+    size; the least HBM traffic wins, then the shorter roofline time, then the larger BN (larger
+    stores)."""
     _check_dims(M=M, K=K, r=r, N=N)
     dname, _ = dtype_name_size(dtype)
     staged = dname == "bfloat16"
@@ -342,7 +354,7 @@ def plan_xuv_kblocked(
                 bm_max = (env.budget - sbuf(0)) // (sbuf(1) - sbuf(0))
                 if bm_max < min(M, P):
                     continue
-                BM = M if bm_max >= M else bm_max // P * P
+                BM = _balanced_block(M, bm_max)
                 traffic = xuv_kblocked_hbm_bytes(M, K, r, N, BM, s, bias, bool(resident))
                 t = max(t_te, traffic / env.tgt.hbm_bytes_per_s)
                 key = (traffic, t, -BN, resident, -BK)

@@ -123,17 +123,18 @@ def test_narrow_transfers_cost_more_dma_time_than_their_bytes():
     assert choice.form == "kblocked"
 
 
+@pytest.mark.parametrize("target", ["trn2", "trn3"])
 @pytest.mark.parametrize("hidden_in, hidden_out", BENCH)
-@pytest.mark.parametrize("M", [512, 8192, 32768])
+@pytest.mark.parametrize("M", [512, 2048, 8192, 32768])
 def test_the_choice_never_moves_more_than_the_cheaper_form_and_fused_is_near_the_bound(
-    hidden_in, hidden_out, M
+    hidden_in, hidden_out, M, target
 ):
     K, N = hidden_in, hidden_out
     r = rank_for_ratio(K, N, 0.2)
-    choice = choose_xuv(M, K, r, N, "bfloat16", "trn2")
+    choice = choose_xuv(M, K, r, N, "bfloat16", target)
     fused = min(p.hbm_bytes for form, p in choice.candidates.items() if p is not None and form != "unfused")
     assert choice.hbm_bytes <= min(fused, choice.candidates["unfused"].hbm_bytes)
-    bound = capacity_bound_bytes(M, K, r, N, 2, get_target("trn2").sbuf_partition_bytes)
+    bound = capacity_bound_bytes(M, K, r, N, 2, get_target(target).sbuf_partition_bytes)
     assert fused <= 1.10 * bound
 
 
