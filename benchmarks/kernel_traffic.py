@@ -196,9 +196,13 @@ def main(argv=None) -> int:
     order = sorted(range(len(jobs)), key=lambda i: -jobs[i][3 if jobs[i][0] == "xuv" else 2])
     started = time.perf_counter()
     results: list = [None] * len(jobs)
-    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        for index, result in zip(order, pool.map(_run, [jobs[i] for i in order]), strict=True):
-            results[index] = result
+    if args.jobs > 1:
+        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+            for index, result in zip(order, pool.map(_run, [jobs[i] for i in order]), strict=True):
+                results[index] = result
+    else:
+        for index in order:
+            results[index] = _run(jobs[index])
     elapsed = time.perf_counter() - started
     xuv_rows = [row for row in results if row["projection"] != "mlp"]
     mlp_rows = [row for row in results if row["projection"] == "mlp"]

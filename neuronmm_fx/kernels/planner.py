@@ -503,8 +503,14 @@ def choose_xuv(
 ) -> XuvChoice:
     """The X.U.V form that moves the fewest HBM bytes (then: the shorter modelled time) among the
     two fused kernels and the unfused chain, each with its own best blocks.  So the chosen form
-    never moves more than the cheaper of fused and unfused."""
+    never moves more than the cheaper of fused and unfused.  float16 always takes the K-blocked
+    kernel, the one form whose X.U stays fp32 (the others can overflow where the reference does
+    not)."""
     planners = {"fused": plan_xuv, "kblocked": plan_xuv_kblocked, "unfused": plan_xuv_unfused}
+    if dtype_name_size(dtype)[0] == "float16":
+        # only the K-blocked kernel keeps X.U in fp32; the others would round it to fp16, which
+        # overflows where the reference (fp32 throughout) stays finite
+        planners = {"kblocked": plan_xuv_kblocked}
     candidates = {}
     for form, make in planners.items():
         try:
@@ -513,7 +519,10 @@ def choose_xuv(
             candidates[form] = None
     fitting = {form: plan for form, plan in candidates.items() if plan is not None}
     if not fitting:
-        raise PlanError(f"no X.U.V form fits K={K}, r={r}, N={N} ({dtype}) on {get_target(target).name}")
+        only = " (float16 runs on the K-blocked kernel only)" if len(planners) == 1 else ""
+        raise PlanError(
+            f"no X.U.V form fits K={K}, r={r}, N={N} ({dtype}) on {get_target(target).name}{only}"
+        )
     form = min(fitting, key=lambda f: (fitting[f].hbm_bytes, fitting[f].estimated_time_s, XUV_FORMS.index(f)))
     return XuvChoice(form, fitting[form], candidates)
 
@@ -618,8 +627,11 @@ def split_mlp_bytes(M: int, sh: MlpShape, dtype="bfloat16", target: str | Target
 
 def choose_svd_mlp(M: int, shape: MlpShape, dtype="bfloat16", target: str | Target = "trn2") -> MlpChoice:
     """The fused MLP kernel or the projections one by one, whichever has the shorter modelled time
-    (the fused kernel when it fits and ties)."""
+    (the fused kernel when it fits and ties).  float16 runs the projections one by one, each on the
+    K-blocked kernel, since the MLP kernel keeps its strips in fp16."""
     split_bytes, split_time = _split_mlp(M, shape, dtype, target)
+    if dtype_name_size(dtype)[0] == "float16":  # the MLP kernel keeps its strips in fp16
+        return MlpChoice("split", None, None, split_bytes, None, split_time)
     try:
         plan = plan_svd_mlp(M, shape, dtype, target)
     except PlanError:

@@ -156,3 +156,21 @@ def test_the_launcher_runs_the_chosen_kernel_in_token_bounded_launches(monkeypat
     expected = [choose_xuv(rows, K, r, N, "float32", "trn2").form for rows in (128, 128, 44)]
     names = {"fused": "xuv_fused", "kblocked": "xuv_kblocked", "unfused": "xuv_unfused"}
     assert launched == [names[form] for form in expected]
+
+
+def test_float16_launches_keep_x_u_in_fp32():
+    """Through the launcher: the op's fp16 result is finite where the fp32 reference is."""
+    from neuronmm_fx.kernels.costs import MlpShape
+    from neuronmm_fx.kernels.planner import choose_svd_mlp
+
+    for M, K, r, N in [(1, 2048, 1280, 8192), (512, 8192, 1280, 2048), (4096, 4096, 2432, 14336)]:
+        assert choose_xuv(M, K, r, N, "float16", "trn2").form == "kblocked"
+    assert choose_svd_mlp(512, MlpShape(2048, 8192, 2048, 1280, 1280, 1280), "float16").form == "split"
+    x = torch.full((8, 256), 16.0, dtype=torch.float16)
+    u = torch.full((256, 128), 32.0, dtype=torch.float16)  # x.u = 131072, beyond fp16
+    v = torch.full((128, 64), 1e-3, dtype=torch.float16)
+    with dispatch.use_standin_kernels():
+        y = dispatch.xuv(x, u, v)
+    reference = x.double() @ u.double() @ v.double()
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y.double(), reference, rtol=4e-3, atol=0.0)
