@@ -175,7 +175,7 @@ def plot_traffic(rows: list[dict], path: str | Path, title: str = "X·U·V and M
             axes.set_ylabel(label)
             axes.legend(fontsize=7)
     figure.suptitle(title)
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=80)
     return figure
 
 
