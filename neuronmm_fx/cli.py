@@ -17,6 +17,7 @@ refused model or input (one ``neuronmm-fx: error:`` line says why), 2 bad comman
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import sys
@@ -524,6 +525,40 @@ def run_eval(args) -> None:
     print(line)
 
 
+def _run(args) -> None:
+    if args.command == "demo":
+        run_demo(args)
+    elif args.command == "inspect":
+        run_inspect(args)
+    elif args.command == "eval":
+        run_eval(args)
+    elif args.command == "bench":
+        run_bench(args)
+    else:  # compress, or its alias optimize
+        model, tokenizer = _load_model(args.model)
+        _optimize(model, args, tokenizer)
+
+
+@contextlib.contextmanager
+def _quiet_libraries(quiet: bool):
+    """Under ``--quiet``, transformers' progress bars (loading, GGUF conversion) and its log below
+    errors are off for the command, and put back afterwards."""
+    if not quiet:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done, 1 the work failed (one ``neuronmm-fx: error:`` line), 2 bad usage."""
     parser = build_parser()
@@ -533,17 +568,8 @@ def main(argv: list[str] | None = None) -> int:
     except NeuronMMError as error:
         parser.error(str(error))
     try:
-        if args.command == "demo":
-            run_demo(args)
-        elif args.command == "inspect":
-            run_inspect(args)
-        elif args.command == "eval":
-            run_eval(args)
-        elif args.command == "bench":
-            run_bench(args)
-        else:  # compress, or its alias optimize
-            model, tokenizer = _load_model(args.model)
-            _optimize(model, args, tokenizer)
+        with _quiet_libraries(getattr(args, "quiet", False)):
+            _run(args)
     except (NeuronMMError, OSError) as error:
         print(f"neuronmm-fx: error: {error}", file=sys.stderr)
         return 1

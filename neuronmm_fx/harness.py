@@ -60,9 +60,9 @@ def run_lm_eval(
     lm-eval's ``HFLM`` with ``tokenizer``; ``max_length`` bounds its windows (default: the model's
     context).  ``neuronmm_text`` among ``tasks`` scores ``text``.
 
-    ``progress=False`` silences lm-eval: its log drops to errors only, and its progress bars (and
-    anything else it writes to stderr while it runs) go to ``os.devnull``; its exceptions still
-    propagate."""
+    ``progress=False`` silences lm-eval: its log drops to errors only, and its progress bars and
+    whatever it or its subprocesses write to stderr while it runs go to ``os.devnull``; its
+    exceptions still propagate."""
     lm_eval, HFLM = _lm_eval()
     if not tasks:
         raise ConfigError("no lm-eval task given")
@@ -73,11 +73,25 @@ def run_lm_eval(
     options = {"max_length": max_length} if max_length else {}
     with contextlib.ExitStack() as silenced:
         if not progress:
-            silenced.enter_context(contextlib.redirect_stderr(silenced.enter_context(open(os.devnull, "w"))))
+            silenced.enter_context(_stderr_to_devnull())
         wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **options)
         verbosity = {} if progress else {"verbosity": "ERROR"}
         results = lm_eval.simple_evaluate(model=wrapped, tasks=requested, log_samples=False, **verbosity)
     return results["results"]
+
+
+@contextlib.contextmanager
+def _stderr_to_devnull():
+    """``sys.stderr`` and file descriptor 2 both to ``os.devnull`` (lm-eval's bars write to the first,
+    the ``git`` it runs for its version stamp to the second), then back."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def summed_loglikelihood(results: dict, text: str) -> float:

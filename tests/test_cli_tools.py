@@ -224,7 +224,7 @@ def test_the_traffic_plot_draws_every_variant_per_shape_and_target(tmp_path):
     assert list(time.get_lines()[1].get_ydata()) == [2.0, 256.0, 1024.0]  # µs
 
 
-def test_lm_eval_and_the_project_evaluator_agree_on_the_shipped_task(saved, capsys):
+def test_lm_eval_and_the_project_evaluator_agree_on_the_shipped_task(saved, capfd):
     from neuronmm_fx import from_pretrained
     from neuronmm_fx.evaluate import rolling_loglikelihood
     from neuronmm_fx.harness import TEXT_TASK, run_lm_eval, summed_loglikelihood
@@ -238,11 +238,11 @@ def test_lm_eval_and_the_project_evaluator_agree_on_the_shipped_task(saved, caps
     assert abs(ours - theirs) <= 0.005 * abs(theirs)  # summed token log-likelihood within 0.5 %
     assert ours < -len(WORDS)  # a real sum over 600 tokens, not a placeholder
 
-    capsys.readouterr()
+    capfd.readouterr()
     args = ["eval", str(saved / "out"), "--text", str(saved / "text.txt"), "--seq-len", "64"]
     assert main([*args, "--tasks", TEXT_TASK, "--json", "--quiet"]) == 0
-    captured = capsys.readouterr()
-    assert captured.err == ""  # --quiet: no progress bar or log line of lm-eval's
+    captured = capfd.readouterr()
+    assert captured.err == ""  # --quiet: no bar, log line or subprocess message on stderr at all
     figures = json.loads(captured.out)
     metrics = figures["lm_eval"][TEXT_TASK]
     assert {"word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"} <= set(metrics)
