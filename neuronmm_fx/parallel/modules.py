@@ -28,6 +28,7 @@ from torch.distributed import _functional_collectives as funcol
 from neuronmm_fx.activations import apply_activation
 from neuronmm_fx.errors import ConfigError
 from neuronmm_fx.modules import CompressedMLP, Factors
+from neuronmm_fx.ops import _finish as finish_projection
 
 
 def _block_of(tensor: torch.Tensor | None, dim: int, parts: int, index: int) -> torch.Tensor | None:
@@ -50,13 +51,8 @@ def gather_columns(local: torch.Tensor, group, world: int) -> torch.Tensor:
 
 
 def _finish(first: torch.Tensor, v: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
-    """``first·v + bias`` in float32."""
-    out = first.float()
-    if v is not None:
-        out = out @ v.float()
-    if bias is not None:
-        out = out + bias.float()
-    return out
+    """``first·v + bias`` in float32, as the ops compute it."""
+    return finish_projection(first.float(), v, bias)
 
 
 # --- the tensor-parallel forms of neuronmm::xuv (x·U·V + bias) ----------------------------------------
