@@ -10,11 +10,13 @@ next matmul, which is why no transpose instruction is ever issued.
 from __future__ import annotations
 
 from ._nki import nisa, nl
+from .costs import X_ROW_COLS
 from .targets import MOVING_FMAX as MOV
 from .targets import PARTITIONS as P
 from .targets import cdiv
 
 __all__ = [
+    "X_ROW_COLS",
     "MOV",
     "P",
     "accumulate_tiles",
@@ -27,15 +29,25 @@ __all__ = [
 ]
 
 
-def load_x_transposed(x, m0, mw, xt):
-    """``xt[0:kp, kt, 0:mw] = X[m0:m0+mw, kt*128 : kt*128+kp]^T`` for every 128-feature tile kt.
+def load_x_transposed(x, m0, mw, k0, kw, xt, x_rows, t_ps):
+    """``xt[0:kp, kt, 0:mw] = X[m0:m0+mw, k0 + kt*128 : ...]^T`` for every 128-feature tile kt of the
+    ``kw`` features from ``k0``.
 
-    The transposition is done by the DMA on the way in (``dma_transpose``): features land on
-    partitions, tokens on the free axis.  xt: SBUF (128, ceil(K/128), >= mw)."""
-    K = x.shape[1]
-    for kt in range(cdiv(K, P)):
-        kp = min(P, K - kt * P)
-        nisa.dma_transpose(dst=xt[0:kp, kt, 0:mw], src=x[m0 : m0 + mw, kt * P : kt * P + kp])
+    X is read in its own layout, 128 tokens by ``x_rows.shape[1]`` features per DMA (rows of 2 KiB or
+    more for the kernels' widths), into ``x_rows`` (SBUF (128, width)); each tile is transposed on
+    TensorE (``nc_transpose``) into ``t_ps`` (PSUM (128, 128) in x's dtype) and copied into ``xt``
+    (SBUF (128, tiles, >= mw)).  The hardware DGE transposes only 16 x 128 tiles of 2-byte types, 32 B
+    per partition per transfer, so the DMA transpose is not used."""
+    width = x_rows.shape[1]
+    for t0 in range(0, mw, P):
+        tp = min(P, mw - t0)
+        for c0 in range(0, kw, width):
+            cw = min(width, kw - c0)
+            nisa.dma_copy(dst=x_rows[0:tp, 0:cw], src=x[m0 + t0 : m0 + t0 + tp, k0 + c0 : k0 + c0 + cw])
+            for j0 in range(0, cw, P):
+                kp = min(P, cw - j0)
+                nisa.nc_transpose(dst=t_ps[0:kp, 0:tp], data=x_rows[0:tp, j0 : j0 + kp])
+                nisa.tensor_copy(dst=xt[0:kp, (c0 + j0) // P, t0 : t0 + tp], src=t_ps[0:kp, 0:tp])
 
 
 def strip_from_xt(xt, mw, u, strip, s0, u_tile, acc):
@@ -66,13 +78,14 @@ def strip_from_xt(xt, mw, u, strip, s0, u_tile, acc):
             nisa.tensor_copy(dst=strip[0:rp, rt, s0 + c * MOV : s0 + c * MOV + cw], src=acc[0:rp, c, 0:cw])
 
 
-def strips_for_block(x, m0, bm, block_mx, xt, factors, u_tile, acc):
+def strips_for_block(x, m0, bm, block_mx, xt, x_rows, t_ps, factors, u_tile, acc):
     """Fill the strips ``(X_blk U)^T`` of ``factors`` (pairs ``(u, strip)``) for the token block
-    ``X[m0 : m0+bm]``, which is loaded (transposed) in sub-blocks of ``block_mx`` tokens into ``xt``;
-    every strip is computed from each loaded sub-block, so the loads of X are shared."""
+    ``X[m0 : m0+bm]``, which is loaded (transposed, :func:`load_x_transposed`) in sub-blocks of
+    ``block_mx`` tokens into ``xt``; every strip is computed from each loaded sub-block, so the loads
+    of X are shared."""
     for s0 in range(0, bm, block_mx):
         sw = min(block_mx, bm - s0)
-        load_x_transposed(x, m0 + s0, sw, xt)
+        load_x_transposed(x, m0 + s0, sw, 0, x.shape[1], xt, x_rows, t_ps)
         for u, strip in factors:
             strip_from_xt(xt, sw, u, strip, s0, u_tile, acc)
 

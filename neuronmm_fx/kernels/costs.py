@@ -18,10 +18,15 @@ from .targets import MOVING_FMAX as MOV
 from .targets import PARTITIONS as P
 from .targets import cdiv
 
-FIXED_PSUM_XUV = 2
-"""PSUM banks of the X.U.V and dense kernels besides the strip accumulation: the output pair."""
-FIXED_PSUM_MLP = 4
-"""PSUM banks of the MLP kernel besides the strip accumulation: the gate/up pair and the output pair."""
+FIXED_PSUM_XUV = 3
+"""PSUM banks of the X.U.V and dense kernels besides the strip accumulation: the output pair and
+the X transposes."""
+FIXED_PSUM_MLP = 5
+"""PSUM banks of the MLP kernel besides the strip accumulation: the gate/up pair, the output pair
+and the X transposes."""
+X_ROW_COLS = 1024
+"""Features per natural X load of the kernels that hold all of K: rows of 2 KiB (bf16/fp16) or 4 KiB
+(fp32) per partition, the size from which a DMA runs near peak."""
 
 
 def dtype_name_size(dtype) -> tuple[str, int]:
@@ -62,7 +67,7 @@ def _block_counts(M: int, BM: int, BMX: int) -> tuple[int, int]:
 def xuv_sbuf_bytes(K: int, r: int, N: int, BM: int, BMX: int, BN: int, size: int, bias: bool) -> int:
     """SBUF bytes per partition allocated by :func:`~neuronmm_fx.kernels.xuv.xuv_fused`."""
     nk, nr = cdiv(K, P), cdiv(r, P)
-    b = size * (nk * BMX + nr * BM + 2 * P + nr * BN + 2 * MOV)
+    b = size * (nk * BMX + min(K, X_ROW_COLS) + nr * BM + 2 * P + nr * BN + 2 * MOV)
     return b + (_broadcast_bias_bytes(N, size) if bias else 0)
 
 
@@ -71,8 +76,9 @@ def xuv_hbm_bytes(M: int, K: int, r: int, N: int, BM: int, BMX: int, size: int, 
     return size * (M * K + M * N + nsub * K * r + nb * r * N + (N if bias else 0))
 
 
-FIXED_PSUM_KBLOCKED = 4
-"""PSUM banks of :func:`~neuronmm_fx.kernels.xuv.xuv_kblocked`: two strip slabs, two output tiles."""
+FIXED_PSUM_KBLOCKED = 5
+"""PSUM banks of :func:`~neuronmm_fx.kernels.xuv.xuv_kblocked`: two strip slabs, two output tiles,
+the X transposes."""
 
 
 def xuv_kblocked_sbuf_bytes(
@@ -82,7 +88,7 @@ def xuv_kblocked_sbuf_bytes(
     (``staged``: bf16 inputs, whose strip tiles are cast for the second product)."""
     nk, nr, nbk = cdiv(K, P), cdiv(r, P), cdiv(BK, P)
     second = size if staged else 4
-    b = 4 * nr * BM + size * nbk * BM + size * (nk if resident else nbk) * r
+    b = 4 * nr * BM + size * nbk * BM + size * BK + size * (nk if resident else nbk) * r
     b += (size * nr * P if staged else 0) + second * nr * BN + size * 2 * BN
     return b + (_broadcast_bias_bytes(N, size) if bias else 0)
 
@@ -105,7 +111,7 @@ def capacity_bound_bytes(M: int, K: int, r: int, N: int, size: int, sbuf_partiti
 def dense_sbuf_bytes(K: int, N: int, BM: int, BN: int, size: int, bias: bool) -> int:
     """SBUF bytes per partition allocated by :func:`~neuronmm_fx.kernels.xuv.matmul_dense`."""
     nk = cdiv(K, P)
-    b = size * (nk * BM + nk * BN + 2 * MOV)
+    b = size * (nk * BM + min(K, X_ROW_COLS) + nk * BN + 2 * MOV)
     return b + (_broadcast_bias_bytes(N, size) if bias else 0)
 
 
@@ -147,7 +153,7 @@ def mlp_sbuf_bytes(sh: MlpShape, BM: int, BMX: int, BI: int, BN: int, size: int)
     """SBUF bytes per partition allocated by :func:`~neuronmm_fx.kernels.mlp.svd_mlp_fused`."""
     s = size
     nk, nI, nbi = cdiv(sh.K, P), cdiv(sh.I, P), cdiv(BI, P)
-    b = s * nk * BMX
+    b = s * (nk * BMX + min(sh.K, X_ROW_COLS))
     for r in sh.inputs:
         if r is not None:
             b += s * cdiv(r, P) * BM
@@ -212,14 +218,28 @@ def _widths(total: int, block: int):
         yield min(block, total - start)
 
 
+def _over(total: int, block: int, cost) -> float:
+    """``sum(cost(w) for w in _widths(total, block))`` with one call per distinct width."""
+    full, rest = divmod(total, block)
+    return full * cost(block) + (cost(rest) if rest else 0.0)
+
+
 def _bias_dma(N: int, size: int) -> float:
     """:func:`~neuronmm_fx.kernels._blocks.broadcast_bias`: the (1, N) row in 512-column pieces."""
     return sum(_dma(jw * size, jw * size) for jw in _widths(N, MOV))
 
 
-def _x_transposed_dma(tokens: int, K: int, size: int) -> float:
-    """:func:`~neuronmm_fx.kernels._blocks.load_x_transposed` of ``tokens`` rows."""
-    return sum(_dma(tokens * kp * size, tokens * size, True) for kp in _widths(K, P))
+def _x_transposed_dma(tokens: int, K: int, size: int, width: int = X_ROW_COLS) -> float:
+    """:func:`~neuronmm_fx.kernels._blocks.load_x_transposed` of ``tokens`` rows: X read in its own
+    layout, 128 tokens by ``width`` features per transfer (the transposes run on TensorE)."""
+    return _over(tokens, P, lambda tp: _over(K, width, lambda cw: _dma(tp * cw * size, cw * size)))
+
+
+def transpose_cycles(M: int, K: int, fp32: bool) -> int:
+    """TensorE cycles of transposing an M x K activation in 128 x 128 tiles (``nc_transpose``: a
+    matmul of the tile against an identity), for the planner's TensorE time."""
+    per_tile = sum(max(min(64, kp), tp) for tp in _widths(M, P) for kp in _widths(K, P))
+    return per_tile * (4 if fp32 else 1)
 
 
 def _u_tiles_dma(K: int, r: int, size: int) -> float:
@@ -270,19 +290,20 @@ def xuv_kblocked_dma_cost(
     """DMA queue bytes of :func:`~neuronmm_fx.kernels.xuv.xuv_kblocked`: X slabs transposed, U in
     rows of r, V slabs (cast to fp32 on chip unless ``staged``), Y in rows of BN."""
     on_chip_v = size if staged else 4
+
+    def slab(bm: int, bk: int) -> float:
+        u_rows = 0.0 if resident else _over(bk, P, lambda kp: _dma(kp * r * size, r * size))
+        return _x_transposed_dma(bm, bk, size, BK) + u_rows
+
+    def block(bm: int) -> float:
+        v_slabs = _over(N, BN, lambda bn: _over(r, P, lambda rp: _dma(rp * bn * size, bn * on_chip_v)))
+        y_rows = _over(N, BN, lambda bn: _over(bm, P, lambda tp: _dma(tp * bn * size, bn * size)))
+        return _over(K, BK, lambda bk: slab(bm, bk)) + v_slabs + y_rows
+
     cost = _bias_dma(N, size) if bias else 0.0
     if resident:
-        cost += sum(_dma(kp * r * size, r * size) for kp in _widths(K, P))
-    for bm in _widths(M, BM):
-        for bk in _widths(K, BK):
-            for kp in _widths(bk, P):
-                cost += _dma(bm * kp * size, bm * size, True)
-                if not resident:
-                    cost += _dma(kp * r * size, r * size)
-        for bn in _widths(N, BN):
-            cost += sum(_dma(rp * bn * size, bn * on_chip_v) for rp in _widths(r, P))
-            cost += sum(_dma(tp * bn * size, bn * size) for tp in _widths(bm, P))
-    return cost
+        cost += _over(K, P, lambda kp: _dma(kp * r * size, r * size))
+    return cost + _over(M, BM, block)
 
 
 def mlp_dma_cost(sh: MlpShape, M: int, BM: int, BMX: int, BI: int, BN: int, size: int) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from ..activations import ACTIVATION_NAMES, check_activation
 from ._blocks import (
     MOV,
+    X_ROW_COLS,
     P,
     accumulate_tiles,
     broadcast_bias,
@@ -81,7 +82,7 @@ def svd_mlp_fused(
 
     Dataflow per token block of ``block_m`` (BM) tokens:
 
-    A. X is loaded (transposed by the DMA) in sub-blocks of ``block_mx`` (BMX) tokens and each
+    A. X is loaded (in rows, transposed on TensorE) in sub-blocks of ``block_mx`` (BMX) tokens and each
        sub-block feeds both the gate and the up strips ``(X.Ua)^T`` and ``(X.Uu)^T`` (rank on
        partitions), the paper's shared loads.  A dense projection uses ``X_blk^T`` itself as its
        strip (then BMX = BM).
@@ -114,12 +115,14 @@ def svd_mlp_fused(
     SBUF per partition (s = element size, nk = ceil(K/128), n? = ceil(r?/128), nI = ceil(I/128),
     nbi = ceil(BI/128)); all allocated once:
         xt (128, nk, BMX) s*nk*BMX           strips s*(na + nu)*BM (low-rank gate/up only)
+        X rows s*min(K, 1024)
         U tiles s*256                         gate/up second-factor slabs s*(Ra + Ru)/128*BI
         act tile fp32 2048 (gated)            biases fp32 4*nI each
         h^T block s*nbi*BM                    (low-rank down) Ud rows s*nbi*rd, fp32 acc 4*nd*BM,
                                               down strip s*nd*BM, Vd slab s*nd*BN
         (dense down) Wd slab s*nI*BN          out s*1024 [+ s*(640 + H) down bias]
-    PSUM: ceil(BMX/512) banks (strip accumulation, reused by step C) + 2 (gate/up) + 2 (output).
+    PSUM: ceil(BMX/512) banks (strip accumulation, reused by step C) + 2 (gate/up) + 2 (output)
+    + 1 (the transposes of X).
     """
     M, K = x.shape
     lowrank_down = down_v != None  # noqa: E711 - NKI 0.3 compiles no `is`
@@ -147,6 +150,7 @@ def svd_mlp_fused(
             lowrank_count = lowrank_count + 1
 
     xt = nl.ndarray((P, nk, block_mx), dtype=dt, buffer=nl.sbuf)
+    x_rows = nl.ndarray((P, min(K, X_ROW_COLS)), dtype=dt, buffer=nl.sbuf)
     strips = []  # (strip, contraction size R, second factor (R, I))
     lowrank_factors = []  # (first factor, its strip) of the low-rank projections, filled in step A
     for j in range(len(ins)):
@@ -190,13 +194,14 @@ def svd_mlp_fused(
         acc = nl.ndarray((P, cdiv(block_mx, MOV), MOV), dtype=nl.float32, buffer=nl.psum)
     gu_ps = nl.ndarray((P, 2, MOV), dtype=nl.float32, buffer=nl.psum)
     out_ps = nl.ndarray((P, 2, MOV), dtype=nl.float32, buffer=nl.psum)
+    t_ps = nl.ndarray((P, P), dtype=dt, buffer=nl.psum)
 
     bias_bc = broadcast_bias(down_bias, dt, out_ps[0:P, 0, 0:MOV])
 
     for m0 in range(0, M, block_m):
         bm = min(block_m, M - m0)
         # A. gate/up strips, sharing each loaded X sub-block
-        strips_for_block(x, m0, bm, block_mx, xt, lowrank_factors, u_tile, acc)
+        strips_for_block(x, m0, bm, block_mx, xt, x_rows, t_ps, lowrank_factors, u_tile, acc)
 
         for i0 in range(0, I, block_i):
             bi = min(block_i, I - i0)

@@ -54,6 +54,7 @@ from .costs import (
     mlp_macs,
     mlp_psum_banks,
     mlp_sbuf_bytes,
+    transpose_cycles,
     xuv_dma_cost,
     xuv_hbm_bytes,
     xuv_kblocked_dma_cost,
@@ -97,12 +98,14 @@ class _Env(NamedTuple):
     t_te: float
 
 
-def _env(target, dtype, sbuf_fraction: float, macs: int) -> _Env:
+def _env(target, dtype, sbuf_fraction: float, macs: int, transposed: tuple[int, int]) -> _Env:
+    """``macs``: the kernel's multiply-accumulates; ``transposed``: the (tokens, features) of the
+    activation it transposes on TensorE.  Both go into TensorE's time."""
     tgt = get_target(target)
     dname, s = dtype_name_size(dtype)
     budget = int(tgt.usable_sbuf_partition_bytes * sbuf_fraction)
-    t_te = macs / (P * P) * (4 if s == 4 else 1) / tgt.clock_hz
-    return _Env(tgt, dname, s, sbuf_fraction, budget, t_te)
+    cycles = macs / (P * P) * (4 if s == 4 else 1) + transpose_cycles(*transposed, s == 4)
+    return _Env(tgt, dname, s, sbuf_fraction, budget, cycles / tgt.clock_hz)
 
 
 def _modelled_time(env: _Env, tensor_s: float, dma_cost: float) -> float:
@@ -250,7 +253,7 @@ def plan_xuv(
 ) -> XuvPlan:
     """Blocks for the fused ``Y = X.U.V`` kernel (X M x K, U K x r, V r x N)."""
     _check_dims(M=M, K=K, r=r, N=N)
-    env = _env(target, dtype, sbuf_fraction, M * r * (K + N))
+    env = _env(target, dtype, sbuf_fraction, M * r * (K + N), (M, K))
     s = env.size
 
     def sbuf(BM, BMX, BN, rank=r):
@@ -334,13 +337,13 @@ def plan_xuv_kblocked(
 ) -> XuvKPlan:
     """Blocks for :func:`~neuronmm_fx.kernels.xuv.xuv_kblocked`: for each K slab BK (128 to 2048)
     and column block BN, with U resident or not, the fewest token blocks that fit SBUF, of equal
-    size; the least HBM traffic wins, then the shorter roofline time, then the larger BN (larger
-    stores)."""
+    size; the shortest modelled time wins (TensorE against the DMA queues: a narrow K slab reads X
+    in narrow rows), then the least HBM traffic, then the larger BN (larger stores)."""
     _check_dims(M=M, K=K, r=r, N=N)
     dname, _ = dtype_name_size(dtype)
     staged = dname == "bfloat16"
     # TensorE: X.U at the input precision; strip.V at fp32 speed unless staged in bf16
-    env = _env(target, dtype, sbuf_fraction, M * r * K)
+    env = _env(target, dtype, sbuf_fraction, M * r * K, (M, K))
     t_te = env.t_te + M * r * N / (P * P) * (1 if staged else 4) / env.tgt.clock_hz
     s = env.size
     best = None
@@ -356,8 +359,9 @@ def plan_xuv_kblocked(
                     continue
                 BM = _balanced_block(M, bm_max)
                 traffic = xuv_kblocked_hbm_bytes(M, K, r, N, BM, s, bias, bool(resident))
-                t = max(t_te, traffic / env.tgt.hbm_bytes_per_s)
-                key = (traffic, t, -BN, resident, -BK)
+                dma = xuv_kblocked_dma_cost(M, K, r, N, BM, BK, BN, s, bias, bool(resident), staged)
+                t = _modelled_time(env, t_te, dma)
+                key = (t, traffic, -BN, resident, -BK)
                 if best is None or key < best[0]:
                     best = (key, BM, BK, BN, resident, traffic, t)
     if best is None:
@@ -400,7 +404,7 @@ def plan_dense(
 ) -> DensePlan:
     """Blocks for the dense ``Y = X.W`` baseline (X M x K, W K x N)."""
     _check_dims(M=M, K=K, N=N)
-    env = _env(target, dtype, sbuf_fraction, M * K * N)
+    env = _env(target, dtype, sbuf_fraction, M * K * N, (M, K))
     s = env.size
 
     def sbuf(BM, _BMX, BN):
@@ -554,7 +558,7 @@ def plan_svd_mlp(
     """Blocks for the fused MLP kernel :func:`~neuronmm_fx.kernels.mlp.svd_mlp_fused`."""
     sh = shape
     _check_dims(M=M, K=sh.K, I=sh.I, H=sh.H)
-    env = _env(target, dtype, sbuf_fraction, mlp_macs(sh, M))
+    env = _env(target, dtype, sbuf_fraction, mlp_macs(sh, M), (M, sh.K))
     s = env.size
     if sh.r_down is None:
         bi_cands = [sh.I]

@@ -12,7 +12,16 @@ one PSUM bank (128 x 512 fp32) per result tile.
 
 from __future__ import annotations
 
-from ._blocks import MOV, P, broadcast_bias, cdiv, load_x_transposed, stream_second_factor, strips_for_block
+from ._blocks import (
+    MOV,
+    X_ROW_COLS,
+    P,
+    broadcast_bias,
+    cdiv,
+    load_x_transposed,
+    stream_second_factor,
+    strips_for_block,
+)
 from ._nki import nisa, nki, nl
 
 
@@ -25,22 +34,25 @@ def xuv_fused(x, u, v, bias=None, block_m=512, block_mx=512, block_n=512):
 
     Dataflow per token block of ``block_m`` (BM) tokens:
 
-    1. For each sub-block of ``block_mx`` (BMX <= BM) tokens: load ``X_sub^T`` transposed by the DMA
-       (K on partitions), then compute ``(X_sub.U)^T`` over the whole rank with U tiles stationary
-       and ``X_sub^T`` moving; the K contraction accumulates in PSUM (fp32), the result is cast into
-       the SBUF strip ``(X_blk.U)^T`` (r x BM, rank on partitions).  U is read once per sub-block.
+    1. For each sub-block of ``block_mx`` (BMX <= BM) tokens: load ``X_sub^T`` (read in rows,
+       transposed on TensorE: K on partitions), then compute ``(X_sub.U)^T`` over the whole rank
+       with U tiles stationary and ``X_sub^T`` moving; the K contraction accumulates in PSUM
+       (fp32), the result is cast into the SBUF strip ``(X_blk.U)^T`` (r x BM, rank on partitions).
+       U is read once per sub-block.
     2. The strip is the stationary operand of the second product.  V is streamed in r x BN slabs
        (read once per token block), each 128-token x 512-column output tile accumulates the whole
        r contraction in one PSUM bank, the bias is added while evacuating, and Y is stored.
 
     SBUF per partition (all allocated once):
         xt  (128, nk, BMX)   s*nk*BMX      X_sub^T
+        X rows (128, min(K, 1024)) s*min(K, 1024)  X as it lies in HBM, before its transposes
         strip (128, nr, BM)  s*nr*BM       (X_blk U)^T
         U tiles (128, 2, 128) s*256
         V slab (128, nr, BN) s*nr*BN
         out (128, 2, 512)    s*1024
         bias (only with bias): s*(128 + 512 + N)
-    PSUM: ceil(BMX/512) banks for step 1 + 2 banks for step 2 (<= 8 in total, so BMX <= 3072).
+    PSUM: ceil(BMX/512) banks for step 1 + 2 banks for step 2 + 1 for the transposes (<= 8 in
+    total, so BMX <= 2560).
     HBM traffic: X and Y once, U once per X sub-block, V once per token block, bias once.
     """
     M, K = x.shape
@@ -52,18 +64,20 @@ def xuv_fused(x, u, v, bias=None, block_m=512, block_mx=512, block_n=512):
     y = nl.ndarray((M, N), dtype=dt, buffer=nl.shared_hbm)
 
     xt = nl.ndarray((P, nk, block_mx), dtype=dt, buffer=nl.sbuf)
+    x_rows = nl.ndarray((P, min(K, X_ROW_COLS)), dtype=dt, buffer=nl.sbuf)
     strip = nl.ndarray((P, nr, block_m), dtype=dt, buffer=nl.sbuf)
     u_tile = nl.ndarray((P, 2, P), dtype=dt, buffer=nl.sbuf)
     v_blk = nl.ndarray((P, nr, block_n), dtype=dt, buffer=nl.sbuf)
     out_sb = nl.ndarray((P, 2, MOV), dtype=dt, buffer=nl.sbuf)
     acc = nl.ndarray((P, cdiv(block_mx, MOV), MOV), dtype=nl.float32, buffer=nl.psum)
     out_ps = nl.ndarray((P, 2, MOV), dtype=nl.float32, buffer=nl.psum)
+    t_ps = nl.ndarray((P, P), dtype=dt, buffer=nl.psum)
     bias_bc = broadcast_bias(bias, dt, out_ps[0:P, 0, 0:MOV])
 
     for m0 in range(0, M, block_m):
         bm = min(block_m, M - m0)
         # step 1: the (X_blk U)^T strip, X_blk loaded in sub-blocks of block_mx tokens
-        strips_for_block(x, m0, bm, block_mx, xt, [(u, strip)], u_tile, acc)
+        strips_for_block(x, m0, bm, block_mx, xt, x_rows, t_ps, [(u, strip)], u_tile, acc)
         # step 2: Y_blk = strip^T . V, V streamed
         stream_second_factor(y, m0, bm, strip, R, v, v_blk, out_ps, out_sb, bias_bc, block_n)
     return y
@@ -78,8 +92,8 @@ def xuv_kblocked(x, u, v, bias=None, block_m=512, block_k=512, block_n=1024, u_r
 
     Dataflow per token block of ``block_m`` (BM) tokens:
 
-    1. For each K slab of ``block_k`` (BK) features: load ``X_slab^T`` (DMA transpose, BK on
-       partitions) and, unless U is resident, the ``U`` slab (BK x r); for every rank tile and
+    1. For each K slab of ``block_k`` (BK) features: load ``X_slab^T`` (rows of BK features,
+       transposed on TensorE) and, unless U is resident, the ``U`` slab (BK x r); for every rank tile and
        512-token chunk accumulate the slab's contraction in a PSUM bank (two banks alternate) and
        add it into the fp32 SBUF strip ``(X_blk.U)^T`` (r x BM).  X is read once; U once per token
        block, or once per kernel when ``u_resident`` (all of U loaded before the first block).
@@ -95,12 +109,13 @@ def xuv_kblocked(x, u, v, bias=None, block_m=512, block_k=512, block_n=1024, u_r
     nbk = ceil(BK/128), nk = ceil(K/128)), all allocated once:
         strip (128, nr, BM) fp32           4*nr*BM
         xt (128, nbk, BM)                  s*nbk*BM
+        X rows (128, BK)                   s*BK
         U slab (128, nbk, r) / all of U    s*nbk*r  /  s*nk*r when resident
         bf16 stationary tile (128, nr, 128) s*nr*128 (bf16 only)
         V slab (128, nr, BN)               s2*nr*BN
         out rows (128, 2, BN)              s*2*BN
         bias (only with bias)              s*(128 + 512 + N)
-    PSUM: 2 banks for the strip slabs + 2 for the output tiles.
+    PSUM: 2 banks for the strip slabs + 2 for the output tiles + 1 for the transposes of X.
     HBM traffic: X and Y once, V once per token block, U once per token block (once if resident).
     """
     M, K = x.shape
@@ -116,6 +131,7 @@ def xuv_kblocked(x, u, v, bias=None, block_m=512, block_k=512, block_n=1024, u_r
 
     strip = nl.ndarray((P, nr, block_m), dtype=nl.float32, buffer=nl.sbuf)
     xt = nl.ndarray((P, nbk, block_m), dtype=dt, buffer=nl.sbuf)
+    x_rows = nl.ndarray((P, block_k), dtype=dt, buffer=nl.sbuf)
     u_tiles = nbk
     if u_resident:
         u_tiles = nk
@@ -127,6 +143,7 @@ def xuv_kblocked(x, u, v, bias=None, block_m=512, block_k=512, block_n=1024, u_r
     out_sb = nl.ndarray((P, 2, block_n), dtype=dt, buffer=nl.sbuf)
     acc = nl.ndarray((P, 2, MOV), dtype=nl.float32, buffer=nl.psum)
     out_ps = nl.ndarray((P, 2, MOV), dtype=nl.float32, buffer=nl.psum)
+    t_ps = nl.ndarray((P, P), dtype=dt, buffer=nl.psum)
     bias_bc = broadcast_bias(bias, dt, out_ps[0:P, 0, 0:MOV])
 
     if u_resident:
@@ -140,11 +157,10 @@ def xuv_kblocked(x, u, v, bias=None, block_m=512, block_k=512, block_n=1024, u_r
         # step 1: strip = sum over K slabs of (X_slab . U_slab)^T, in fp32
         for k0 in range(0, K, block_k):
             bk = min(block_k, K - k0)
-            for kt in range(cdiv(bk, P)):
-                kp = min(P, bk - kt * P)
-                src = x[m0 : m0 + bm, k0 + kt * P : k0 + kt * P + kp]
-                nisa.dma_transpose(dst=xt[0:kp, kt, 0:bm], src=src)
-                if u_resident == 0:
+            load_x_transposed(x, m0, bm, k0, bk, xt, x_rows, t_ps)
+            if u_resident == 0:
+                for kt in range(cdiv(bk, P)):
+                    kp = min(P, bk - kt * P)
                     nisa.dma_copy(dst=u_sb[0:kp, kt, 0:R], src=u[k0 + kt * P : k0 + kt * P + kp, 0:R])
             u_first = 0
             if u_resident:
@@ -207,13 +223,13 @@ def _matmul_dense(x, w, bias=None, block_m=512, block_n=512):
 
     Shapes: x (M, K), w (K, N), bias (1, N) or None -> y (M, N).
 
-    A block of BM tokens is loaded once, transposed by the DMA (``X_blk^T``, K on partitions) and
+    A block of BM tokens is loaded once, transposed on TensorE (``X_blk^T``, K on partitions) and
     kept in SBUF as the stationary operand; W is streamed in K x BN slabs (read once per token
     block); each 128 x 512 output tile accumulates all of K in one PSUM bank (fp32).  X and Y move
     once, W ``ceil(M/BM)`` times: the planner takes the largest BM that fits.
 
-    SBUF per partition: s*nk*BM (X_blk^T) + s*nk*BN (W slab) + s*1024 (out) [+ s*(640 + N) bias].
-    PSUM: 2 banks.
+    SBUF per partition: s*nk*BM (X_blk^T) + s*min(K, 1024) (X rows) + s*nk*BN (W slab) + s*1024
+    (out) [+ s*(640 + N) bias].  PSUM: 3 banks (the output pair, the transposes).
     """
     M, K = x.shape
     N = w.shape[1]
@@ -221,13 +237,15 @@ def _matmul_dense(x, w, bias=None, block_m=512, block_n=512):
     nk = cdiv(K, P)
     y = nl.ndarray((M, N), dtype=dt, buffer=nl.shared_hbm)
     xt = nl.ndarray((P, nk, block_m), dtype=dt, buffer=nl.sbuf)
+    x_rows = nl.ndarray((P, min(K, X_ROW_COLS)), dtype=dt, buffer=nl.sbuf)
     w_blk = nl.ndarray((P, nk, block_n), dtype=dt, buffer=nl.sbuf)
     out_sb = nl.ndarray((P, 2, MOV), dtype=dt, buffer=nl.sbuf)
     out_ps = nl.ndarray((P, 2, MOV), dtype=nl.float32, buffer=nl.psum)
+    t_ps = nl.ndarray((P, P), dtype=dt, buffer=nl.psum)
     bias_bc = broadcast_bias(bias, dt, out_ps[0:P, 0, 0:MOV])
     for m0 in range(0, M, block_m):
         bm = min(block_m, M - m0)
-        load_x_transposed(x, m0, bm, xt)
+        load_x_transposed(x, m0, bm, 0, K, xt, x_rows, t_ps)
         stream_second_factor(y, m0, bm, xt, K, w, w_blk, out_ps, out_sb, bias_bc, block_n)
     return y
 

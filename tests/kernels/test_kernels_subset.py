@@ -3,11 +3,14 @@ with its rule (one test per rule), and the project's kernels pass."""
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import pytest
 
 from neuronmm_fx.kernels.standin import NkiRuleError, nisa, nl, run_kernel
 from neuronmm_fx.kernels.standin.subset import ALLOWED_BUILTINS, check_kernel
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
 def _copy_out(x):
@@ -246,3 +249,58 @@ def test_sbuf_capacity_is_the_usable_share_not_the_physical_one():
     assert caught.value.rule == "sbuf-capacity" and "207.5 KiB a kernel may use of the 224 KiB" in str(
         caught.value
     )
+
+
+def _transposing(shape, dtype, use_dma: bool, dst_buffer=None, dst_dtype=None):
+    def kernel(x):
+        rows, cols = shape
+        tile = nl.ndarray((cols, rows), dtype=dst_dtype or x.dtype, buffer=dst_buffer or nl.sbuf)
+        if use_dma:
+            nisa.dma_transpose(dst=tile, src=x[0:rows, 0:cols])
+        else:
+            staged = nl.ndarray((rows, cols), dtype=x.dtype, buffer=nl.sbuf)
+            nisa.dma_copy(dst=staged, src=x[0:rows, 0:cols])
+            nisa.nc_transpose(dst=tile, data=staged)
+        out = nl.ndarray((cols, rows), dtype=x.dtype, buffer=nl.sbuf)
+        nisa.tensor_copy(dst=out, src=tile)
+        y = nl.ndarray((cols, rows), dtype=x.dtype, buffer=nl.shared_hbm)
+        nisa.dma_copy(dst=y, src=out)
+        return y
+
+    return kernel
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype"), [((16, 128), np.float32), ((32, 128), BF16), ((16, 64), BF16), ((128, 128), BF16)]
+)
+def test_dma_transposes_outside_the_hardware_dge_shape_are_refused(shape, dtype):
+    with pytest.raises(NkiRuleError) as caught:
+        run_kernel(_transposing(shape, dtype, use_dma=True), np.ones(shape, dtype))
+    assert caught.value.rule == "dma-transpose-dge" and "(16, 128)" in str(caught.value)
+
+
+def test_the_hardware_dge_shape_and_the_tensor_engine_transpose_are_exact():
+    x = (np.arange(16 * 128) % 251).astype(BF16).reshape(16, 128)
+    for use_dma in (True, False):
+        out = run_kernel(_transposing((16, 128), BF16, use_dma, nl.psum if not use_dma else None), x).outputs
+        np.testing.assert_array_equal(out, x.T)
+    wide = np.arange(100 * 120, dtype=np.float32).reshape(100, 120)  # any dtype, up to 128 x 128
+    run = run_kernel(_transposing((100, 120), np.float32, False, nl.psum), wide)
+    np.testing.assert_array_equal(run.outputs, wide.T)
+    assert run.stats.tensor_cycles == max(min(64, 120), 100) * 4  # one fp32 matmul against an identity
+
+
+@pytest.mark.parametrize(
+    ("dst_buffer", "dst_dtype", "shape", "rule"),
+    [
+        (None, None, (64, 64), "transpose-buffers"),  # TensorE writes PSUM
+        ("psum", np.float32, (64, 64), "transpose-dtype"),  # the result keeps the input's dtype
+        ("psum", None, (64, 129), "partition-dim"),  # 129 columns become 129 partitions
+    ],
+)
+def test_tensor_engine_transposes_break_their_rules(dst_buffer, dst_dtype, shape, rule):
+    buffer = nl.psum if dst_buffer == "psum" else None
+    kernel = _transposing(shape, BF16, False, buffer, dst_dtype)
+    with pytest.raises(NkiRuleError) as caught:
+        run_kernel(kernel, np.ones(shape, BF16))
+    assert caught.value.rule == rule, str(caught.value)

@@ -13,6 +13,7 @@ import types
 import numpy as np
 
 from ..costs import dma_efficiency
+from ..targets import PARTITIONS, STATIONARY_FMAX
 from . import rules
 from .memory import NkiTensor
 from .rules import NkiRuleError
@@ -128,8 +129,13 @@ def dma_copy(dst, src, priority=None, oob_mode=None, dge_mode=None, engine=None,
     return dst
 
 
+DGE_TRANSPOSE_SHAPE = (16, PARTITIONS)
+"""The one 2-D source shape the hardware DGE transposes in NKI 0.3 (2-byte dtypes)."""
+
+
 def dma_transpose(dst, src, axes=None, priority=None, dge_mode=None, oob_mode=None, name=None):
-    """``nisa.dma_transpose(dst, src)``: a 2-D transpose performed by the DMA on the way in."""
+    """``nisa.dma_transpose(dst, src)``: a 2-D transpose performed by the DMA on the way in (only the
+    hardware DGE's shape: 2-byte (16, 128) tiles)."""
     run = current_run()
     op = "dma_transpose"
     dst = _tensor(dst, "dst", op)
@@ -147,6 +153,13 @@ def dma_transpose(dst, src, axes=None, priority=None, dge_mode=None, oob_mode=No
     if src.dtype != dst.dtype:
         raise NkiRuleError(
             "elementwise-shape", f"{op}: dtype {src.dtype.name} -> {dst.dtype.name} not supported"
+        )
+    if src.itemsize != 2 or src.shape != DGE_TRANSPOSE_SHAPE:
+        raise NkiRuleError(
+            "dma-transpose-dge",
+            f"{op}: the hardware DGE of NKI 0.3 transposes 2-byte tiles of shape {DGE_TRANSPOSE_SHAPE} "
+            f"(16 rows of 128 columns), not {src.dtype.name} {src.shape}; transpose on TensorE "
+            "(nisa.nc_transpose) instead",
         )
     _count_dma(run, dst, src, transpose=True)
     if not run.shape_only:
@@ -195,6 +208,41 @@ def nc_matmul(
             was = a.written[ix].reshape(dst.shape)
             res = np.where(was, a.data[ix].reshape(dst.shape), 0.0) + res
         dst.write(res.astype(np.float32))
+    return dst
+
+
+def nc_transpose(dst, data, engine=None, name=None):
+    """``nisa.nc_transpose(dst, data)`` on TensorE: ``dst = data^T``, a matmul of ``data`` (stationary)
+    against an identity.  ``data``: SBUF, <= 128 partitions and <= 128 elements each; ``dst``: PSUM,
+    the same dtype, shape (elements, partitions).  The Vector-engine form (<= 32 x 32) is not modelled."""
+    run = current_run()
+    op = "nc_transpose"
+    if engine is not None:
+        raise NkiRuleError(
+            "transpose-engine", f"{op}: only the Tensor-engine transpose is modelled (engine=None)"
+        )
+    dst, data = _tensor(dst, "dst", op), _tensor(data, "data", op)
+    if data._a.kind != "sbuf" or dst._a.kind != "psum":
+        raise NkiRuleError(
+            "transpose-buffers",
+            f"{op}: TensorE reads the tile from SBUF and writes PSUM (got {data._a.kind} -> {dst._a.kind})",
+        )
+    parts, free = rules.partitions_and_free(data)
+    if parts > PARTITIONS or free > STATIONARY_FMAX:
+        raise NkiRuleError(
+            "transpose-size", f"{op}: a TensorE transpose takes at most 128 x 128, got {data.shape}"
+        )
+    if dst.dtype != data.dtype:
+        raise NkiRuleError(
+            "transpose-dtype", f"{op}: dst is {dst.dtype.name}, data {data.dtype.name}; they must match"
+        )
+    if dst.shape != (free, parts):
+        raise NkiRuleError("elementwise-shape", f"{op}: dst {dst.shape} should be {(free, parts)}")
+    st = run.stats
+    st.matmul_count += 1
+    st.tensor_cycles += max(min(64, free), parts) * (4 if data.dtype == rules.F32 else 1)
+    if not run.shape_only:
+        dst.write(data.read_f32(op).reshape(parts, free).T)
     return dst
 
 
@@ -285,6 +333,7 @@ INSTRUCTIONS = (
     dma_copy,
     dma_transpose,
     nc_matmul,
+    nc_transpose,
     tensor_copy,
     tensor_tensor,
     scalar_tensor_tensor,

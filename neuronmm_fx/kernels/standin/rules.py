@@ -18,6 +18,8 @@ Rules
     ``matmul-shape`` / ``matmul-dtype``  result shape and operand dtypes
     ``dma-buffer``           DMA endpoints are HBM or SBUF (never PSUM)
     ``dma-cast``             a DMA through the hardware DGE (``dge_mode="hwdge"``) does not convert dtypes
+    ``dma-transpose-dge``    a DMA transpose is a 2-byte (16, 128) tile (the hardware DGE of NKI 0.3)
+    ``transpose-*``          ``nc_transpose`` on TensorE: SBUF in, PSUM out, <= 128 x 128, one dtype
     ``psum-operands``        a Vector/Scalar instruction reads at most one tensor operand from PSUM
     ``engine-buffer``        Vector/Scalar engine operands live in SBUF or PSUM (never HBM)
     ``elementwise-shape``    element-wise operands agree in partitions and elements per partition
