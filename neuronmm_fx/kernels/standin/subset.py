@@ -57,6 +57,7 @@ _CONSTRUCTS = {  # node type: (rule, what it is)
     ast.GeneratorExp: ("subset-comprehension", "a generator expression; write the for loop"),
     ast.Lambda: ("subset-lambda", "lambda is not compiled inside a kernel"),
     ast.Try: ("subset-try", "try/except is not compiled inside a kernel"),
+    getattr(ast, "TryStar", ast.Try): ("subset-try", "try/except is not compiled inside a kernel"),
     ast.Global: ("subset-global", "global is not compiled inside a kernel"),
     ast.Nonlocal: ("subset-global", "nonlocal is not compiled inside a kernel"),
     ast.Yield: ("subset-yield", "a kernel is not a generator"),
@@ -130,7 +131,12 @@ def _source(fn: types.FunctionType) -> tuple[ast.FunctionDef, int]:
             "subset-source",
             f"cannot read the source of {fn.__qualname__} to check it against the NKI 0.3 subset ({error})",
         ) from None
-    tree = ast.parse(textwrap.dedent("".join(lines)))
+    try:
+        tree = ast.parse(textwrap.dedent("".join(lines)))
+    except SyntaxError as error:  # e.g. a docstring indented less than its function
+        raise NkiRuleError(
+            "subset-source", f"cannot parse the source of {fn.__qualname__} on its own ({error.msg})"
+        ) from None
     return tree.body[0], first_line
 
 
