@@ -33,6 +33,7 @@ that cannot fit raises :class:`PlanError` saying what would.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -215,12 +216,18 @@ class _Common:
 
 
 @dataclass(frozen=True)
-class XuvPlan(_Common):
+class _XuvShape(_Common):
+    """The shape fields every X.U.V plan carries."""
+
     M: int = 0
     K: int = 0
     r: int = 0
     N: int = 0
     bias: bool = False
+
+
+@dataclass(frozen=True)
+class XuvPlan(_XuvShape):
     block_m: int = 0
     block_mx: int = 0
     block_n: int = 0
@@ -292,14 +299,9 @@ def _xuv_no_fit(env: _Env, K, r, N, tok, bias, sbuf) -> str:
 
 
 @dataclass(frozen=True)
-class XuvKPlan(_Common):
+class XuvKPlan(_XuvShape):
     """Blocks of the K-blocked fused kernel :func:`~neuronmm_fx.kernels.xuv.xuv_kblocked`."""
 
-    M: int = 0
-    K: int = 0
-    r: int = 0
-    N: int = 0
-    bias: bool = False
     block_m: int = 0
     block_k: int = 0
     block_n: int = 0
@@ -363,22 +365,21 @@ def plan_xuv_kblocked(
                 t = _modelled_time(env, t_te, dma)
                 key = (t, traffic, -BN, resident, -BK)
                 if best is None or key < best[0]:
-                    best = (key, BM, BK, BN, resident, traffic, t)
+                    best = (key, BM, BK, BN, resident, traffic, t, dma, sbuf(BM))
     if best is None:
         raise PlanError(
             f"K-blocked fused X.U.V with r={r}, N={N} ({env.dtype}) does not fit {env.tgt.name}: even "
             f"BM={min(M, P)}, BK=128, BN={min(N, 512)} needs more than the {env.budget / 1024:.1f} KiB budget"
         )
-    _, BM, BK, BN, resident, traffic, t = best
-    dma = xuv_kblocked_dma_cost(M, K, r, N, BM, BK, BN, s, bias, bool(resident), staged)
+    _, BM, BK, BN, resident, traffic, t, dma, sbuf_bytes = best
     return XuvKPlan(
         target=env.tgt.name,
         dtype=env.dtype,
-        sbuf_bytes=xuv_kblocked_sbuf_bytes(K, r, N, BM, BK, BN, s, bias, bool(resident), staged),
+        sbuf_bytes=sbuf_bytes,
         sbuf_budget=env.budget,
         psum_banks=FIXED_PSUM_KBLOCKED,
         hbm_bytes=traffic,
-        estimated_time_s=_modelled_time(env, t_te, dma),
+        estimated_time_s=t,
         dma_cost_bytes=dma,
         M=M,
         K=K,
@@ -494,6 +495,7 @@ class XuvChoice:
 XUV_FORMS = ("fused", "kblocked", "unfused")
 
 
+@functools.lru_cache(maxsize=512)
 def choose_xuv(
     M: int,
     K: int,
@@ -509,7 +511,7 @@ def choose_xuv(
     two fused kernels and the unfused chain, each with its own best blocks.  So the chosen form
     never moves more than the cheaper of fused and unfused.  float16 always takes the K-blocked
     kernel, the one form whose X.U stays fp32 (the others can overflow where the reference does
-    not)."""
+    not).  Choices are cached per arguments: the launchers ask on every call."""
     planners = {"fused": plan_xuv, "kblocked": plan_xuv_kblocked, "unfused": plan_xuv_unfused}
     if dtype_name_size(dtype)[0] == "float16":
         # only the K-blocked kernel keeps X.U in fp32; the others would round it to fp16, which
@@ -624,15 +626,12 @@ def _split_mlp(M: int, sh: MlpShape, dtype, target) -> tuple[int, float]:
     return sum(b for b, _ in parts) + elementwise, seconds
 
 
-def split_mlp_bytes(M: int, sh: MlpShape, dtype="bfloat16", target: str | Target = "trn2") -> int:
-    """HBM bytes of an MLP run projection by projection (see :func:`choose_svd_mlp`)."""
-    return _split_mlp(M, sh, dtype, target)[0]
-
-
+@functools.lru_cache(maxsize=512)
 def choose_svd_mlp(M: int, shape: MlpShape, dtype="bfloat16", target: str | Target = "trn2") -> MlpChoice:
     """The fused MLP kernel or the projections one by one, whichever has the shorter modelled time
     (the fused kernel when it fits and ties).  float16 runs the projections one by one, each on the
-    K-blocked kernel, since the MLP kernel keeps its strips in fp16."""
+    K-blocked kernel, since the MLP kernel keeps its strips in fp16.  Cached per arguments, as
+    :func:`choose_xuv`."""
     split_bytes, split_time = _split_mlp(M, shape, dtype, target)
     if dtype_name_size(dtype)[0] == "float16":  # the MLP kernel keeps its strips in fp16
         return MlpChoice("split", None, None, split_bytes, None, split_time)
