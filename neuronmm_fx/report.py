@@ -141,9 +141,7 @@ class OptimizeReport:
                     lines.append(f"  {'':<40} {'':<10} {'':<9} {'':<10}   left dense: {m.reason}")
             if site.note:
                 lines.append(f"  {'':<40} note: {site.note}")
-        if self.skipped:
-            lines.append("  skipped:")
-            lines += [f"    {s.path or '<root>'} ({s.pattern}): {s.reason}" for s in self.skipped]
+        lines += _skipped_lines(self.skipped)
         if self.finetune:
             lines.append(
                 f"  fine-tuned {self.finetune['steps']} steps: distillation KL "
@@ -232,15 +230,20 @@ class Survey:
                     f"{f'{m.in_features}×{m.out_features}':>11} {'full' if m.rank is None else m.rank:>6} "
                     f"{m.break_even_rank:>10} {m.params:>10}"
                 )
-        if self.skipped:
-            lines.append("  skipped:")
-            lines += [f"    {s.path or '<root>'} ({s.pattern}): {s.reason}" for s in self.skipped]
+        lines += _skipped_lines(self.skipped)
         if self.model_params:
             lines.append(
                 f"  parameters at the sites: {self.site_params:,} of {self.model_params:,} "
                 f"({100.0 * self.site_params / self.model_params:.1f}% of the model)"
             )
         return "\n".join(lines)
+
+
+def _skipped_lines(skipped: list[SkippedSite]) -> list[str]:
+    """The ``skipped:`` block of a report table (nothing when no site was skipped)."""
+    if not skipped:
+        return []
+    return ["  skipped:"] + [f"    {s.path or '<root>'} ({s.pattern}): {s.reason}" for s in skipped]
 
 
 def _tail(text: str, width: int) -> str:

@@ -87,7 +87,8 @@ def parallel_report(model: nn.Module) -> ParallelReport:
     return report
 
 
-def _block_of(model: nn.Module, block: int | None) -> int:
+def _kernel_block(model: nn.Module, block: int | None) -> int:
+    """The kernels' block size: ``block``, or the one the model was optimized with."""
     if block is not None:
         return block
     report = getattr(model, OPTIMIZE_REPORT, None)
@@ -164,7 +165,7 @@ def shard(
         raise ConfigError("shard() needs an initialised torch.distributed process group (init_process_group)")
     group = group if group is not None else dist.group.WORLD
     tp, rank = dist.get_world_size(group), dist.get_rank(group)
-    block = _block_of(model, block)
+    block = _kernel_block(model, block)
     sites = [(path, module) for path, module in model.named_modules() if isinstance(module, CompressedMLP)]
     if not sites:
         raise ConfigError(
