@@ -7,7 +7,8 @@ For LLaMA-3.2-1B, 3.2-3B and 3.1-8B at ratio 0.2 (rank = (1 - 0.2)·K·N/(K + N)
   capacity bound ``X + Y + ceil(M/BM*)·(U + V)`` (BM*: the largest token block whose fp32 strip fits
   80 % of a partition's physical SBUF), fused / bound, and the form the planner picks;
 * the whole gated MLP: dense (three X.W and the element-wise pass), projection by projection (each
-  projection's chosen form, h through HBM) and the fused MLP kernel, and the planner's pick;
+  projection's chosen form, h through HBM), the fused MLP kernel and the K-blocked MLP kernel, and
+  the planner's pick;
 
 at 1 to 32K tokens on trn2 and trn3.  Every figure is counted by running the kernels on the CPU
 stand-in for NKI in shape-only mode (kernel code executed, hardware and compiler rules checked, no
@@ -44,6 +45,7 @@ TARGETS = ("trn2", "trn3")
 RATIO = 0.2
 DTYPE = "bfloat16"
 XUV_VARIANTS = ("dense", "unfused", "fused", "kblocked")
+MLP_KERNELS = ("fused", "kblocked")
 ENGINES = ("tensor", "vector", "scalar", "dma")
 
 
@@ -85,17 +87,19 @@ def _xuv_row(job) -> dict:
 def _mlp_row(job) -> dict:
     key, M, H, I, r, target = job  # noqa: E741 - the intermediate size
     shape = MlpShape(H, I, H, r, r, r)
-    try:
-        fused = _figures(analyse_svd_mlp(M, shape, DTYPE, target))
-    except PlanError:
-        fused = None
+    kernels = {}
+    for variant in MLP_KERNELS:
+        try:
+            kernels[variant] = _figures(analyse_svd_mlp(M, shape, DTYPE, target, variant=variant))
+        except PlanError:
+            kernels[variant] = None  # does not fit the target
     choice = choose_svd_mlp(M, shape, DTYPE, target)
     return {
         "key": f"{MODELS[key][0]} MLP",
         "projection": "mlp",
         "M": M,
         "target": target,
-        "fused_mlp": fused,
+        "kernels": kernels,
         "split_bytes": choice.split_bytes,
         "choice": choice.form,
         "compulsory": 2 * (M * H * 2 + 3 * r * (H + I)),
@@ -154,19 +158,27 @@ def _print_xuv(results: list[dict]) -> list[str]:
     return misses
 
 
+def _mlp_forms(row: dict) -> dict:
+    """The MLP row's figures per form the planner compares (None: does not fit)."""
+    return {"split": row["split"], **row["kernels"]}
+
+
 def _print_mlp(results: list[dict]) -> None:
     print(
-        "| MLP | M | target | dense MB | projection by projection | fused MLP kernel | compulsory | pick | "
-        "pick vs dense (modelled) |"
+        "| MLP | M | target | dense MB | projection by projection | fused MLP kernel | "
+        "K-blocked MLP kernel | compulsory | pick | pick vs dense (modelled) | "
+        "pick vs fastest form (modelled) |"
     )
-    print("|---|---:|---|---:|---:|---:|---:|---|---:|")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|")
     for row in results:
-        fused = row["fused_mlp"]
-        pick = fused if row["choice"] == "fused" else row["split"]
+        forms = _mlp_forms(row)
+        pick = forms[row["choice"]]
+        fastest = min(f["time"] for f in forms.values() if f)
         print(
             f"| {row['key']} | {row['M']} | {row['target']} | {_mb(row['dense']['hbm'])} | "
-            f"{_mb(row['split']['hbm'])} | {_mb(fused and fused['hbm'])} | {_mb(row['compulsory'])} | "
-            f"{row['choice']} | {row['dense']['time'] / pick['time']:.2f}× |"
+            f"{_mb(row['split']['hbm'])} | {_mb(forms['fused'] and forms['fused']['hbm'])} | "
+            f"{_mb(forms['kblocked'] and forms['kblocked']['hbm'])} | {_mb(row['compulsory'])} | "
+            f"{row['choice']} | {row['dense']['time'] / pick['time']:.2f}× | {pick['time'] / fastest:.2f}× |"
         )
 
 
@@ -223,12 +235,20 @@ def main(argv=None) -> int:
         for row in xuv_rows
         for figures in row["variants"].values()
         if figures
-    ] + [(row["fused_mlp"]["hbm"], row["fused_mlp"]["planned_hbm"]) for row in mlp_rows if row["fused_mlp"]]
+    ] + [
+        (figures["hbm"], figures["planned_hbm"])
+        for row in mlp_rows
+        for figures in row["kernels"].values()
+        if figures
+    ]
     mismatched = sum(1 for hbm, planned in counted if hbm != planned)
     never_more = all(
         row["variants"][row["choice"]]["hbm"]
         <= min(row["variants"][v]["hbm"] for v in ("fused", "kblocked", "unfused") if row["variants"][v])
         for row in xuv_rows
+    ) and all(
+        _mlp_forms(row)[row["choice"]]["hbm"] <= min(f["hbm"] for f in _mlp_forms(row).values() if f)
+        for row in mlp_rows
     )
     print()
     print(
@@ -247,7 +267,12 @@ def main(argv=None) -> int:
                 **row,
                 "bound": row["compulsory"],
                 "reference": "compulsory",
-                "variants": {"dense": row["dense"], "split": row["split"], "fused MLP": row["fused_mlp"]},
+                "variants": {
+                    "dense": row["dense"],
+                    "split": row["split"],
+                    "fused MLP": row["kernels"]["fused"],
+                    "K-blocked MLP": row["kernels"]["kblocked"],
+                },
             }
             for row in mlp_rows
         ]

@@ -19,10 +19,13 @@ __all__ = [
     "X_ROW_COLS",
     "MOV",
     "P",
+    "accumulate_strip_slab",
     "accumulate_tiles",
     "broadcast_bias",
     "cdiv",
+    "load_u_rows",
     "load_x_transposed",
+    "stream_from_fp32_strip",
     "stream_second_factor",
     "strip_from_xt",
     "strips_for_block",
@@ -88,6 +91,43 @@ def strips_for_block(x, m0, bm, block_mx, xt, x_rows, t_ps, factors, u_tile, acc
         load_x_transposed(x, m0 + s0, sw, 0, x.shape[1], xt, x_rows, t_ps)
         for u, strip in factors:
             strip_from_xt(xt, sw, u, strip, s0, u_tile, acc)
+
+
+def load_u_rows(u, k0, bk, u_sb, first):
+    """``u_sb[:, first + kt, 0:r] = U[k0 + kt*128 : ..., 0:r]`` for the 128-row tiles kt of the ``bk``
+    rows of U from ``k0``: rows of all r columns (r*s bytes per partition per transfer)."""
+    R = u.shape[1]
+    for kt in range(cdiv(bk, P)):
+        kp = min(P, bk - kt * P)
+        nisa.dma_copy(dst=u_sb[0:kp, first + kt, 0:R], src=u[k0 + kt * P : k0 + kt * P + kp, 0:R])
+
+
+def accumulate_strip_slab(u_sb, u_first, xt, bk, bm, strip, R, first_slab, acc, slot):
+    """``strip[:, :, 0:bm] (+)= (X_slab . U_slab)^T`` for one K slab of ``bk`` features.
+
+    ``xt`` holds ``X_slab^T`` (SBUF (128, >= ceil(bk/128), >= bm)), ``u_sb[:, u_first + kt, 0:R]`` the
+    slab's U rows; ``strip`` is the fp32 SBUF strip (128, ceil(R/128), >= bm), overwritten on the
+    ``first_slab`` and added to after it.  Each rank tile and 512-token chunk sums the slab in one
+    PSUM bank of ``acc`` (PSUM (128, 2, 512) fp32), alternating between the two so that the
+    evacuation of one overlaps the next; returns the slot to use next."""
+    for rt in range(cdiv(R, P)):
+        rp = min(P, R - rt * P)
+        for c0 in range(0, bm, MOV):
+            cw = min(MOV, bm - c0)
+            ps = acc[0:rp, slot, 0:cw]
+            for kt in range(cdiv(bk, P)):
+                kp = min(P, bk - kt * P)
+                stationary = u_sb[0:kp, u_first + kt, rt * P : rt * P + rp]
+                nisa.nc_matmul(
+                    ps, stationary=stationary, moving=xt[0:kp, kt, c0 : c0 + cw], accumulate=kt > 0
+                )
+            dst = strip[0:rp, rt, c0 : c0 + cw]
+            if first_slab:
+                nisa.tensor_copy(dst=dst, src=ps)
+            else:
+                nisa.tensor_tensor(dst=dst, data1=dst, data2=ps, op=nl.add)
+            slot = 1 - slot
+    return slot
 
 
 def broadcast_bias(bias, dt, ps):
@@ -160,3 +200,51 @@ def stream_second_factor(y, m0, mw, strip, R, w, w_blk, out_ps, out_sb, bias_bc,
                     )
                 nisa.dma_copy(dst=y[m0 + t0 : m0 + t0 + tp, n0 + j0 : n0 + j0 + jw], src=ob)
                 slot = 1 - slot
+
+
+def stream_from_fp32_strip(y, m0, bm, strip, R, w, w_blk, stage, out_ps, out_sb, bias_bc, block_n, slot, row):
+    """``Y[m0:m0+bm, :] = strip[:, :, 0:bm]^T . W (+ bias)`` from an fp32 strip (R on partitions),
+    W (R x N) streamed in R x ``block_n`` slabs (once per call) into ``w_blk``.
+
+    With ``stage`` (SBUF (128, ceil(R/128), 128) in the compute dtype: bf16 inputs) each 128-token
+    tile of the strip is cast once per slab and the products run at bf16 speed; without it (fp32,
+    or fp16 whose strip must stay fp32) the fp32 strip is the stationary operand and ``w_blk`` is
+    fp32 (a converting load).  Each 128 x 512 output tile sums all of R in one PSUM bank of
+    ``out_ps`` (alternating ``slot``); the bias is added while evacuating into a BN-wide row of
+    ``out_sb`` (SBUF (128, 2, BN), alternating ``row``), stored with one DMA per 128-token tile and
+    slab (BN*s bytes per partition).  Returns the next ``(slot, row)``."""
+    N = w.shape[1]
+    nr = cdiv(R, P)
+    for n0 in range(0, N, block_n):
+        bn = min(block_n, N - n0)
+        for rt in range(nr):
+            rp = min(P, R - rt * P)
+            nisa.dma_copy(dst=w_blk[0:rp, rt, 0:bn], src=w[rt * P : rt * P + rp, n0 : n0 + bn])
+        for t0 in range(0, bm, P):
+            tp = min(P, bm - t0)
+            if stage != None:  # noqa: E711 - NKI 0.3 compiles no `is`
+                for rt in range(nr):
+                    rp = min(P, R - rt * P)
+                    nisa.tensor_copy(dst=stage[0:rp, rt, 0:tp], src=strip[0:rp, rt, t0 : t0 + tp])
+            for j0 in range(0, bn, MOV):
+                jw = min(MOV, bn - j0)
+                ps = out_ps[0:tp, slot, 0:jw]
+                for rt in range(nr):
+                    rp = min(P, R - rt * P)
+                    stationary = strip[0:rp, rt, t0 : t0 + tp]
+                    if stage != None:  # noqa: E711
+                        stationary = stage[0:rp, rt, 0:tp]
+                    nisa.nc_matmul(
+                        ps, stationary=stationary, moving=w_blk[0:rp, rt, j0 : j0 + jw], accumulate=rt > 0
+                    )
+                ob = out_sb[0:tp, row, j0 : j0 + jw]
+                if bias_bc == None:  # noqa: E711
+                    nisa.tensor_copy(dst=ob, src=ps)
+                else:
+                    nisa.tensor_tensor(
+                        dst=ob, data1=ps, data2=bias_bc[0:tp, n0 + j0 : n0 + j0 + jw], op=nl.add
+                    )
+                slot = 1 - slot
+            nisa.dma_copy(dst=y[m0 + t0 : m0 + t0 + tp, n0 : n0 + bn], src=out_sb[0:tp, row, 0:bn])
+            row = 1 - row
+    return slot, row

@@ -12,8 +12,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from .costs import MlpShape, dtype_name_size, mlp_macs
-from .mlp import svd_mlp_fused
-from .planner import plan_dense, plan_svd_mlp, plan_xuv, plan_xuv_kblocked, plan_xuv_unfused
+from .mlp import svd_mlp_fused, svd_mlp_kblocked
+from .planner import (
+    plan_dense,
+    plan_svd_mlp,
+    plan_svd_mlp_kblocked,
+    plan_xuv,
+    plan_xuv_kblocked,
+    plan_xuv_unfused,
+)
 from .standin import KernelStats, TensorSpec, run_kernel
 from .targets import Target, get_target
 from .xuv import matmul_dense, xuv_fused, xuv_kblocked, xuv_unfused
@@ -96,13 +103,23 @@ def analyse_xuv(
 
 
 def analyse_svd_mlp(
-    M: int, shape: MlpShape, dtype="bfloat16", target: str | Target = "trn2", activation: str = "silu"
+    M: int,
+    shape: MlpShape,
+    dtype="bfloat16",
+    target: str | Target = "trn2",
+    activation: str = "silu",
+    variant: str = "fused",
 ) -> Analysis:
-    """Plan and count the fused MLP kernel in shape-only mode."""
+    """Plan and count one of the MLP kernels in shape-only mode: ``variant`` ``"fused"``
+    (:func:`svd_mlp_fused`) or ``"kblocked"`` (:func:`svd_mlp_kblocked`)."""
     tgt = get_target(target)
     dname, s = dtype_name_size(dtype)
     sh = shape
-    plan = plan_svd_mlp(M, sh, dname, tgt)
+    if variant not in ("fused", "kblocked"):
+        raise ValueError(f"unknown MLP kernel variant {variant!r}: 'fused' or 'kblocked'")
+    planner = plan_svd_mlp if variant == "fused" else plan_svd_mlp_kblocked
+    kernel = svd_mlp_fused if variant == "fused" else svd_mlp_kblocked
+    plan = planner(M, sh, dname, tgt)
 
     def pair(k_in, k_out, r):
         if r is None:
@@ -114,7 +131,7 @@ def analyse_svd_mlp(
     du, dv = pair(sh.I, sh.H, sh.r_down)
     col = TensorSpec((sh.I, 1), dname)
     stats = run_shape_only(
-        svd_mlp_fused,
+        kernel,
         TensorSpec((M, sh.K), dname),
         au,
         av,
@@ -136,4 +153,4 @@ def analyse_svd_mlp(
     biases = sh.I * sh.bias_columns + (sh.H if sh.down_bias else 0)
     compulsory = s * (M * sh.K + M * sh.H + weights + biases)
     stats.useful_flops = flops
-    return Analysis("fused-mlp", plan, stats, compulsory, flops)
+    return Analysis(f"{variant}-mlp", plan, stats, compulsory, flops)

@@ -187,6 +187,44 @@ def mlp_hbm_bytes(sh: MlpShape, M: int, BM: int, BMX: int, size: int) -> int:
     return size * (once + nsub * per_sub + nb * per_blk)
 
 
+FIXED_PSUM_MLP_KBLOCKED = 7
+"""PSUM banks of :func:`~neuronmm_fx.kernels.mlp.svd_mlp_kblocked`: two strip slabs (which step C
+reuses), the gate/up pair, the output pair and the X transposes."""
+
+
+def mlp_kblocked_sbuf_bytes(
+    sh: MlpShape, BM: int, BK: int, BI: int, BN: int, size: int, resident: bool, staged: bool
+) -> int:
+    """SBUF bytes per partition allocated by :func:`~neuronmm_fx.kernels.mlp.svd_mlp_kblocked`
+    (``staged``: bf16 inputs, whose fp32 strips are cast a chunk or a tile at a time)."""
+    s = size
+    nk, nbk, nbi, nI = cdiv(sh.K, P), cdiv(BK, P), cdiv(BI, P), cdiv(sh.I, P)
+    nd = cdiv(sh.r_down, P)
+    b = s * (nbk * BM + BK)
+    for r in sh.inputs:
+        nr = cdiv(r, P)
+        b += (
+            4 * nr * BM
+            + s * (nk if resident else nbk) * r
+            + (s * nr * min(MOV, BM) if staged else 0)
+            + s * nr * BI
+        )
+    if sh.gated:
+        b += 4 * MOV
+    b += 4 * nI * sh.bias_columns
+    b += s * nbi * BM + s * nbi * sh.r_down + 4 * nd * BM + (s * nd * P if staged else 0)
+    b += s * nd * BN + s * 2 * BN
+    return b + (_broadcast_bias_bytes(sh.H, s) if sh.down_bias else 0)
+
+
+def mlp_kblocked_hbm_bytes(sh: MlpShape, M: int, BM: int, size: int, resident: bool) -> int:
+    nb = cdiv(M, BM)
+    first = sh.K * sum(sh.inputs)
+    per_blk = sum(r * sh.I for r in sh.inputs) + sh.I * sh.r_down + sh.r_down * sh.H
+    once = M * sh.K + M * sh.H + sh.I * sh.bias_columns + (sh.H if sh.down_bias else 0)
+    return size * (once + nb * per_blk + (1 if resident else nb) * first)
+
+
 def mlp_macs(sh: MlpShape, M: int) -> int:
     m = sum(sh.K * sh.I if r is None else r * (sh.K + sh.I) for r in sh.inputs)
     m += sh.I * sh.H if sh.r_down is None else sh.r_down * (sh.I + sh.H)
@@ -274,6 +312,13 @@ def dense_dma_cost(M: int, K: int, N: int, BM: int, BN: int, size: int, bias: bo
     return cost
 
 
+def _fp32_strip_stream_dma(tokens: int, R: int, N: int, BN: int, size: int, on_chip: int) -> float:
+    """:func:`~neuronmm_fx.kernels._blocks.stream_from_fp32_strip`: W slabs (``on_chip`` bytes per
+    element in SBUF), Y in BN-wide rows per 128-token tile."""
+    slabs = _over(N, BN, lambda bn: _over(R, P, lambda rp: _dma(rp * bn * size, bn * on_chip)))
+    return slabs + _over(N, BN, lambda bn: _over(tokens, P, lambda tp: _dma(tp * bn * size, bn * size)))
+
+
 def xuv_kblocked_dma_cost(
     M: int,
     K: int,
@@ -296,9 +341,7 @@ def xuv_kblocked_dma_cost(
         return _x_transposed_dma(bm, bk, size, BK) + u_rows
 
     def block(bm: int) -> float:
-        v_slabs = _over(N, BN, lambda bn: _over(r, P, lambda rp: _dma(rp * bn * size, bn * on_chip_v)))
-        y_rows = _over(N, BN, lambda bn: _over(bm, P, lambda tp: _dma(tp * bn * size, bn * size)))
-        return _over(K, BK, lambda bk: slab(bm, bk)) + v_slabs + y_rows
+        return _over(K, BK, lambda bk: slab(bm, bk)) + _fp32_strip_stream_dma(bm, r, N, BN, size, on_chip_v)
 
     cost = _bias_dma(N, size) if bias else 0.0
     if resident:
@@ -306,19 +349,51 @@ def xuv_kblocked_dma_cost(
     return cost + _over(M, BM, block)
 
 
+def _mlp_bias_dma(sh: MlpShape, size: int) -> float:
+    """The MLP kernels' biases: (I, 1) columns into fp32 tiles, the (1, H) down bias broadcast."""
+    cost = sh.bias_columns * sum(_dma(ip * size, 4) for ip in _widths(sh.I, P))
+    return cost + (_bias_dma(sh.H, size) if sh.down_bias else 0.0)
+
+
+def _intermediate_block_dma(sh: MlpShape, bi: int, size: int) -> float:
+    """One intermediate block of steps B and C: the second factors' (R, bi) slabs, Ud's bi rows."""
+    second = [sh.K if r is None else r for r in sh.inputs]  # contraction of each h-producing product
+    cost = sum(_dma(rp * bi * size, bi * size) for R in second for rp in _widths(R, P))
+    if sh.r_down is not None:
+        cost += sum(_dma(ip * sh.r_down * size, sh.r_down * size) for ip in _widths(bi, P))
+    return cost
+
+
+def mlp_kblocked_dma_cost(
+    sh: MlpShape, M: int, BM: int, BK: int, BI: int, BN: int, size: int, resident: bool
+) -> float:
+    """DMA queue bytes of :func:`~neuronmm_fx.kernels.mlp.svd_mlp_kblocked`: X slabs transposed,
+    Ua/Uu in rows of r, the intermediate blocks' slabs, Vd slabs and Y tiles."""
+    s = size
+
+    def u_rows(rows: int) -> float:
+        return sum(_over(rows, P, lambda kp, r=r: _dma(kp * r * s, r * s)) for r in sh.inputs)
+
+    def slab(bm: int, bk: int) -> float:
+        return _x_transposed_dma(bm, bk, s, BK) + (0.0 if resident else u_rows(bk))
+
+    def block(bm: int) -> float:
+        cost = _over(sh.K, BK, lambda bk: slab(bm, bk))
+        cost += _over(sh.I, BI, lambda bi: _intermediate_block_dma(sh, bi, s))
+        return cost + _fp32_strip_stream_dma(bm, sh.r_down, sh.H, BN, s, s)
+
+    return _mlp_bias_dma(sh, s) + (u_rows(sh.K) if resident else 0.0) + _over(M, BM, block)
+
+
 def mlp_dma_cost(sh: MlpShape, M: int, BM: int, BMX: int, BI: int, BN: int, size: int) -> float:
     """DMA queue bytes of :func:`~neuronmm_fx.kernels.mlp.svd_mlp_fused`."""
     s = size
-    cost = sh.bias_columns * sum(_dma(ip * s, 4) for ip in _widths(sh.I, P))  # (I, 1) -> fp32 columns
-    cost += _bias_dma(sh.H, s) if sh.down_bias else 0.0
-    second = [sh.K if r is None else r for r in sh.inputs]  # contraction of each h-producing product
+    cost = _mlp_bias_dma(sh, s)
     for bm in _widths(M, BM):
         for sw in _widths(bm, BMX):
             cost += _x_transposed_dma(sw, sh.K, s)
             cost += sum(_u_tiles_dma(sh.K, r, s) for r in sh.inputs if r is not None)
         for bi in _widths(sh.I, BI):
-            cost += sum(_dma(rp * bi * s, bi * s) for R in second for rp in _widths(R, P))
-            if sh.r_down is not None:
-                cost += sum(_dma(ip * sh.r_down * s, sh.r_down * s) for ip in _widths(bi, P))
+            cost += _intermediate_block_dma(sh, bi, s)
         cost += _second_factor_dma(bm, sh.I if sh.r_down is None else sh.r_down, sh.H, BN, s)
     return cost

@@ -231,21 +231,22 @@ def dense(x, w, bias=None):
 
 
 def svd_mlp(x, act_u, act_v, act_bias, up_u, up_v, up_bias, down_u, down_v, down_bias, activation):
-    """A whole (compressed) MLP through the fused MLP kernel.
+    """A whole (compressed) MLP through one of the MLP kernels, or projection by projection.
 
     ``h = act(x.act_u.act_v + act_bias)``; if ``up_u`` is given, ``h = h * (x.up_u.up_v +
     up_bias)``; ``y = h.down_u.down_v + down_bias``.  Any ``*_v`` may be None: that projection is
     dense and its ``*_u`` is the full (K_in, K_out) matrix (``y = x @ u``).  Biases may be None.
     ``activation`` is a name of :mod:`neuronmm_fx.activations` (``"silu"``, ``"gelu"`` (exact
     erf), ``"gelu_tanh"``, ``"relu"``).  Returns (..., H) in x's dtype; all biases are applied in
-    the kernel.  If the fused kernel cannot be blocked for the target, or running each projection
-    as its own X.U.V / X.W kernel moves fewer HBM bytes (:func:`~neuronmm_fx.kernels.planner.
-    choose_svd_mlp`: long prefills of large ranks), the projections run separately and the
-    activation and product are applied on the host between them (h then goes through memory)."""
+    the kernel.  :func:`~neuronmm_fx.kernels.planner.choose_svd_mlp` picks the form that moves the
+    fewest HBM bytes: :func:`~neuronmm_fx.kernels.mlp.svd_mlp_fused`,
+    :func:`~neuronmm_fx.kernels.mlp.svd_mlp_kblocked`, or each projection as its own X.U.V / X.W
+    kernel with the activation and product applied on the host between them (h then goes through
+    memory: long prefills of large ranks, float16, or an MLP no kernel can block)."""
     from ..activations import check_activation
     from . import planner
     from .costs import MlpShape
-    from .mlp import check_mlp_launch, svd_mlp_fused
+    from .mlp import check_mlp_kblocked_launch, check_mlp_launch, svd_mlp_fused, svd_mlp_kblocked
 
     check_activation(activation)
     dname = _check_dtype(x)
@@ -287,13 +288,19 @@ def svd_mlp(x, act_u, act_v, act_bias, up_u, up_v, up_bias, down_u, down_v, down
             x, act_u, act_v, act_bias, up_u, up_v, up_bias, down_u, down_v, down_bias, activation
         )
     plan = choice.plan
-    dense_in = act_v is None or (gated and up_v is None)
-    check_mlp_launch(activation, I, dense_in, down_v is None, plan.kernel_kwargs())
+    if choice.form == "kblocked":
+        lowrank = (act_v is not None, not gated or up_v is not None, down_v is not None)
+        check_mlp_kblocked_launch(activation, dname, lowrank)
+        kernel = svd_mlp_kblocked
+    else:
+        dense_in = act_v is None or (gated and up_v is None)
+        check_mlp_launch(activation, I, dense_in, down_v is None, plan.kernel_kwargs())
+        kernel = svd_mlp_fused
     dt = x.dtype
     args = (x2, _cast(act_u, dt), _cast(act_v, dt), _cast(act_bias, dt, (I, 1)))
     args += (_cast(up_u, dt), _cast(up_v, dt), _cast(up_bias, dt, (I, 1)))
     args += (_cast(down_u, dt), _cast(down_v, dt), _cast(down_bias, dt, (1, H)))
-    return _run(svd_mlp_fused, plan, x, args, activation=activation)
+    return _run(kernel, plan, x, args, activation=activation)
 
 
 def _svd_mlp_split(x, act_u, act_v, act_bias, up_u, up_v, up_bias, down_u, down_v, down_bias, activation):

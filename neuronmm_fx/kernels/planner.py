@@ -16,7 +16,9 @@ term, the bytes per partition that each kernel allocates; the planner subtracts 
 from the budget and divides by the per-token part.  PSUM is the other constraint: ``ceil(BMX/512)`` banks for
 the strip accumulation plus the kernel's fixed banks must stay <= 8.
 
-One search (:func:`_search`) serves every kernel.  Among the candidates that fit (BMX over
+One search (:func:`_search`) serves the kernels that hold an X sub-block; the K-blocked kernels
+(:func:`plan_xuv_kblocked`, :func:`plan_svd_mlp_kblocked`) walk their own grids of K slabs, column
+and intermediate blocks and U resident or not.  Among the candidates that fit (BMX over
 multiples of 128, BN over {512, 1024, 2048} ({512, 1024} for the MLP), BI over {512, 256, 128} for
 the MLP), it minimises the roofline time ``max(TensorE lower bound, HBM bytes / bandwidth)``, then
 HBM bytes (i.e. maximises arithmetic intensity), then prefers larger column blocks (fewer, larger
@@ -44,6 +46,7 @@ import numpy as np
 from .costs import (
     FIXED_PSUM_KBLOCKED,
     FIXED_PSUM_MLP,
+    FIXED_PSUM_MLP_KBLOCKED,
     FIXED_PSUM_XUV,
     MlpShape,
     dense_dma_cost,
@@ -52,6 +55,9 @@ from .costs import (
     dtype_name_size,
     mlp_dma_cost,
     mlp_hbm_bytes,
+    mlp_kblocked_dma_cost,
+    mlp_kblocked_hbm_bytes,
+    mlp_kblocked_sbuf_bytes,
     mlp_macs,
     mlp_psum_banks,
     mlp_sbuf_bytes,
@@ -592,16 +598,120 @@ def plan_svd_mlp(
 
 
 @dataclass(frozen=True)
+class MlpKPlan(_Common):
+    """Blocks of the K-blocked MLP kernel :func:`~neuronmm_fx.kernels.mlp.svd_mlp_kblocked`."""
+
+    M: int = 0
+    shape: MlpShape | None = None
+    block_m: int = 0
+    block_k: int = 0
+    block_i: int = 0
+    block_n: int = 0
+    u_resident: int = 0
+
+    _BLOCKS: ClassVar = (
+        ("block_m", "BM"),
+        ("block_k", "BK"),
+        ("block_i", "BI"),
+        ("block_n", "BN"),
+        ("u_resident", "U_resident"),
+    )
+
+
+def plan_svd_mlp_kblocked(
+    M: int,
+    shape: MlpShape,
+    dtype="bfloat16",
+    target: str | Target = "trn2",
+    *,
+    sbuf_fraction: float = DEFAULT_SBUF_FRACTION,
+) -> MlpKPlan:
+    """Blocks for :func:`~neuronmm_fx.kernels.mlp.svd_mlp_kblocked`: over K slabs BK and intermediate
+    blocks BI (128 to 2048), column blocks BN (512 to 2048) and U resident or not, the
+    fewest equal token blocks that fit SBUF; the shortest modelled time wins, then the least
+    traffic, then larger BI and BN (fewer, larger transfers).  ``PlanError`` for an MLP with a dense
+    projection, for float16, or when nothing fits."""
+    sh = shape
+    _check_dims(M=M, K=sh.K, I=sh.I, H=sh.H)
+    dname, _ = dtype_name_size(dtype)
+    if sh.r_down is None or any(r is None for r in sh.inputs):
+        raise PlanError("the K-blocked MLP kernel needs every projection low-rank")
+    if dname == "float16":
+        raise PlanError(
+            "the K-blocked MLP kernel takes bfloat16 or float32 (float16 runs projection by projection)"
+        )
+    staged = dname == "bfloat16"
+    env = _env(target, dtype, sbuf_fraction, mlp_macs(sh, M), (M, sh.K))
+    s = env.size
+    best = None
+    for BK in _col_candidates(cdiv(sh.K, P) * P, (128, 256, 512, 1024, 2048)):
+        for BI in _col_candidates(cdiv(sh.I, P) * P, (128, 256, 512, 1024, 2048)):
+            for BN in _col_candidates(sh.H, (512, 1024, 2048)):
+                for resident in (0, 1):
+
+                    def sbuf(BM, BK=BK, BI=BI, BN=BN, resident=resident):
+                        return mlp_kblocked_sbuf_bytes(sh, BM, BK, BI, BN, s, bool(resident), staged)
+
+                    bm_max = (env.budget - sbuf(0)) // (sbuf(1) - sbuf(0))
+                    if bm_max < min(M, P):
+                        continue
+                    BM = _balanced_block(M, bm_max)
+                    traffic = mlp_kblocked_hbm_bytes(sh, M, BM, s, bool(resident))
+                    dma = mlp_kblocked_dma_cost(sh, M, BM, BK, BI, BN, s, bool(resident))
+                    t = _modelled_time(env, env.t_te, dma)
+                    key = (t, traffic, -BI, -BN, resident, -BK)
+                    if best is None or key < best[0]:
+                        best = (key, BM, BK, BI, BN, resident, traffic, t, dma, sbuf(BM))
+    if best is None:
+        raise PlanError(
+            f"K-blocked MLP K={sh.K}, I={sh.I}, H={sh.H}, ranks act={sh.r_act} up={sh.r_up} "
+            f"down={sh.r_down} ({env.dtype}) does not fit {env.tgt.name}: even BM={min(M, P)}, BK=128, "
+            f"BI=128 needs more than the {env.budget / 1024:.1f} KiB budget"
+        )
+    _, BM, BK, BI, BN, resident, traffic, t, dma, sbuf_bytes = best
+    return MlpKPlan(
+        target=env.tgt.name,
+        dtype=env.dtype,
+        sbuf_bytes=sbuf_bytes,
+        sbuf_budget=env.budget,
+        psum_banks=FIXED_PSUM_MLP_KBLOCKED,
+        hbm_bytes=traffic,
+        estimated_time_s=t,
+        dma_cost_bytes=dma,
+        M=M,
+        shape=sh,
+        block_m=BM,
+        block_k=BK,
+        block_i=BI,
+        block_n=BN,
+        u_resident=resident,
+    )
+
+
+MLP_FORMS = ("fused", "kblocked", "split")
+
+
+@dataclass(frozen=True)
 class MlpChoice:
-    """How :func:`choose_svd_mlp` runs an MLP: ``"fused"`` (the MLP kernel, ``plan``) or ``"split"``
-    (each projection as its own X.U.V / X.W launch, h through HBM), with both forms' figures."""
+    """How :func:`choose_svd_mlp` runs an MLP: ``"fused"`` (:func:`~neuronmm_fx.kernels.mlp.
+    svd_mlp_fused`), ``"kblocked"`` (:func:`~neuronmm_fx.kernels.mlp.svd_mlp_kblocked`) or
+    ``"split"`` (each projection as its own X.U.V / X.W launch, h through HBM), with every
+    candidate's figures: ``candidates`` maps the two MLP kernels to their plans (None: does not fit
+    or does not apply)."""
 
     form: str
-    plan: MlpPlan | None
-    fused_bytes: int | None  # None: the MLP kernel does not fit
+    plan: MlpPlan | MlpKPlan | None  # None for "split"
+    candidates: dict
     split_bytes: int
-    fused_time_s: float | None
     split_time_s: float
+
+    @property
+    def hbm_bytes(self) -> int:
+        return self.split_bytes if self.plan is None else self.plan.hbm_bytes
+
+    @property
+    def estimated_time_s(self) -> float:
+        return self.split_time_s if self.plan is None else self.plan.estimated_time_s
 
 
 def _split_mlp(M: int, sh: MlpShape, dtype, target) -> tuple[int, float]:
@@ -628,19 +738,26 @@ def _split_mlp(M: int, sh: MlpShape, dtype, target) -> tuple[int, float]:
 
 @functools.lru_cache(maxsize=512)
 def choose_svd_mlp(M: int, shape: MlpShape, dtype="bfloat16", target: str | Target = "trn2") -> MlpChoice:
-    """The fused MLP kernel or the projections one by one, whichever has the shorter modelled time
-    (the fused kernel when it fits and ties).  float16 runs the projections one by one, each on the
-    K-blocked kernel, since the MLP kernel keeps its strips in fp16.  Cached per arguments, as
-    :func:`choose_xuv`."""
+    """The MLP form that moves the fewest HBM bytes (then: the shorter modelled time) among the two
+    MLP kernels and the projections one by one, by the same rule as :func:`choose_xuv`; so the
+    chosen form never moves more than the cheaper of fused and unfused.  float16 runs the
+    projections one by one, each on the K-blocked X.U.V kernel, since both MLP kernels keep h in
+    the input dtype.  Cached per arguments, as :func:`choose_xuv`."""
     split_bytes, split_time = _split_mlp(M, shape, dtype, target)
-    if dtype_name_size(dtype)[0] == "float16":  # the MLP kernel keeps its strips in fp16
-        return MlpChoice("split", None, None, split_bytes, None, split_time)
-    try:
-        plan = plan_svd_mlp(M, shape, dtype, target)
-    except PlanError:
-        return MlpChoice("split", None, None, split_bytes, None, split_time)
-    form = "fused" if plan.estimated_time_s <= split_time else "split"
-    return MlpChoice(form, plan, plan.hbm_bytes, split_bytes, plan.estimated_time_s, split_time)
+    planners = {"fused": plan_svd_mlp, "kblocked": plan_svd_mlp_kblocked}
+    candidates = {form: None for form in planners}
+    if dtype_name_size(dtype)[0] != "float16":  # the MLP kernels keep their strips or h in fp16
+        for form, make in planners.items():
+            try:
+                candidates[form] = make(M, shape, dtype, target)
+            except PlanError:
+                pass
+    figures = {"split": (split_bytes, split_time)}
+    figures.update(
+        {form: (p.hbm_bytes, p.estimated_time_s) for form, p in candidates.items() if p is not None}
+    )
+    form = min(figures, key=lambda f: (*figures[f], MLP_FORMS.index(f)))
+    return MlpChoice(form, candidates.get(form), candidates, split_bytes, split_time)
 
 
 def _mlp_no_fit(sh: MlpShape, env: _Env, tok: int) -> str:

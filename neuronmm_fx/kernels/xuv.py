@@ -16,13 +16,16 @@ from ._blocks import (
     MOV,
     X_ROW_COLS,
     P,
+    accumulate_strip_slab,
     broadcast_bias,
     cdiv,
+    load_u_rows,
     load_x_transposed,
+    stream_from_fp32_strip,
     stream_second_factor,
     strips_for_block,
 )
-from ._nki import nisa, nki, nl
+from ._nki import nki, nl
 
 
 @nki.jit
@@ -147,9 +150,7 @@ def xuv_kblocked(x, u, v, bias=None, block_m=512, block_k=512, block_n=1024, u_r
     bias_bc = broadcast_bias(bias, dt, out_ps[0:P, 0, 0:MOV])
 
     if u_resident:
-        for kt in range(nk):
-            kp = min(P, K - kt * P)
-            nisa.dma_copy(dst=u_sb[0:kp, kt, 0:R], src=u[kt * P : kt * P + kp, 0:R])
+        load_u_rows(u, 0, K, u_sb, 0)
     slot = 0
     row = 0
     for m0 in range(0, M, block_m):
@@ -158,63 +159,15 @@ def xuv_kblocked(x, u, v, bias=None, block_m=512, block_k=512, block_n=1024, u_r
         for k0 in range(0, K, block_k):
             bk = min(block_k, K - k0)
             load_x_transposed(x, m0, bm, k0, bk, xt, x_rows, t_ps)
+            u_first = k0 // P
             if u_resident == 0:
-                for kt in range(cdiv(bk, P)):
-                    kp = min(P, bk - kt * P)
-                    nisa.dma_copy(dst=u_sb[0:kp, kt, 0:R], src=u[k0 + kt * P : k0 + kt * P + kp, 0:R])
-            u_first = 0
-            if u_resident:
-                u_first = k0 // P
-            for rt in range(nr):
-                rp = min(P, R - rt * P)
-                for c0 in range(0, bm, MOV):
-                    cw = min(MOV, bm - c0)
-                    ps = acc[0:rp, slot, 0:cw]
-                    for kt in range(cdiv(bk, P)):
-                        kp = min(P, bk - kt * P)
-                        stationary = u_sb[0:kp, u_first + kt, rt * P : rt * P + rp]
-                        nisa.nc_matmul(
-                            ps, stationary=stationary, moving=xt[0:kp, kt, c0 : c0 + cw], accumulate=kt > 0
-                        )
-                    dst = strip[0:rp, rt, c0 : c0 + cw]
-                    if k0 == 0:
-                        nisa.tensor_copy(dst=dst, src=ps)
-                    else:
-                        nisa.tensor_tensor(dst=dst, data1=dst, data2=ps, op=nl.add)
-                    slot = 1 - slot
+                load_u_rows(u, k0, bk, u_sb, 0)
+                u_first = 0
+            slot = accumulate_strip_slab(u_sb, u_first, xt, bk, bm, strip, R, k0 == 0, acc, slot)
         # step 2: Y_blk = strip^T . V, V streamed in slabs, one store per 128-token tile and slab
-        for n0 in range(0, N, block_n):
-            bn = min(block_n, N - n0)
-            for rt in range(nr):
-                rp = min(P, R - rt * P)
-                nisa.dma_copy(dst=v_blk[0:rp, rt, 0:bn], src=v[rt * P : rt * P + rp, n0 : n0 + bn])
-            for t0 in range(0, bm, P):
-                tp = min(P, bm - t0)
-                if staged:
-                    for rt in range(nr):
-                        rp = min(P, R - rt * P)
-                        nisa.tensor_copy(dst=stage[0:rp, rt, 0:tp], src=strip[0:rp, rt, t0 : t0 + tp])
-                for j0 in range(0, bn, MOV):
-                    jw = min(MOV, bn - j0)
-                    ps = out_ps[0:tp, slot, 0:jw]
-                    for rt in range(nr):
-                        rp = min(P, R - rt * P)
-                        stationary = strip[0:rp, rt, t0 : t0 + tp]
-                        if staged:
-                            stationary = stage[0:rp, rt, 0:tp]
-                        nisa.nc_matmul(
-                            ps, stationary=stationary, moving=v_blk[0:rp, rt, j0 : j0 + jw], accumulate=rt > 0
-                        )
-                    ob = out_sb[0:tp, row, j0 : j0 + jw]
-                    if bias_bc == None:  # noqa: E711 - NKI 0.3 compiles no `is`
-                        nisa.tensor_copy(dst=ob, src=ps)
-                    else:
-                        nisa.tensor_tensor(
-                            dst=ob, data1=ps, data2=bias_bc[0:tp, n0 + j0 : n0 + j0 + jw], op=nl.add
-                        )
-                    slot = 1 - slot
-                nisa.dma_copy(dst=y[m0 + t0 : m0 + t0 + tp, n0 : n0 + bn], src=out_sb[0:tp, row, 0:bn])
-                row = 1 - row
+        slot, row = stream_from_fp32_strip(
+            y, m0, bm, strip, R, v, v_blk, stage, out_ps, out_sb, bias_bc, block_n, slot, row
+        )
     return y
 
 
