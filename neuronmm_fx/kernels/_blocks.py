@@ -56,29 +56,43 @@ def load_x_transposed(x, m0, mw, k0, kw, xt, x_rows, t_ps):
 def strip_from_xt(xt, mw, u, strip, s0, u_tile, acc):
     """``strip[:, :, s0:s0+mw] = (X_sub U)^T`` over the whole rank, from the loaded ``xt``.
 
-    U tiles (<=128 x <=128) are the stationary operand and ``X_sub^T`` tiles the moving one, so
-    TensorE produces ``(X_sub U)^T`` (rank on partitions) directly: the implicit transposition.
-    Each U tile is loaded once per call and used for all token chunks; the K contraction
-    accumulates in PSUM (fp32), one bank per 512-token chunk (``acc``: PSUM (128, chunks, 512)).
-    ``u_tile``: SBUF (128, 2, 128) double buffer for the streamed U tiles."""
+    U tiles are the stationary operand and ``X_sub^T`` tiles the moving one, so TensorE produces
+    ``(X_sub U)^T`` (rank on partitions) directly: the implicit transposition.  U is loaded in
+    slabs of G rank tiles (128 rows x G*128 columns, G = ``u_tile.shape[2] // 128``: rows of
+    G*128*s bytes per partition per transfer), each used for all token chunks; the K contraction of
+    every rank tile of the group and 512-token chunk accumulates in its own PSUM bank of ``acc``
+    (PSUM (128, G*chunks, 512) fp32), so a group holds G*ceil(mw/512) banks.
+    ``u_tile``: SBUF (128, 2, G*128) double buffer for the streamed U slabs."""
     K, R = u.shape
     nk = cdiv(K, P)
+    nr = cdiv(R, P)
     nchunks = cdiv(mw, MOV)
-    for rt in range(cdiv(R, P)):
-        rp = min(P, R - rt * P)
+    group = u_tile.shape[2] // P
+    slot = 0
+    for g0 in range(0, nr, group):
+        gw = min(group, nr - g0)  # rank tiles in this group
+        cols = min(gw * P, R - g0 * P)
         for kt in range(nk):
             kp = min(P, K - kt * P)
-            ut = u_tile[0:kp, (rt * nk + kt) % 2, 0:rp]
-            nisa.dma_copy(dst=ut, src=u[kt * P : kt * P + kp, rt * P : rt * P + rp])
+            nisa.dma_copy(dst=u_tile[0:kp, slot, 0:cols], src=u[kt * P : kt * P + kp, g0 * P : g0 * P + cols])
+            for j in range(gw):
+                rp = min(P, R - (g0 + j) * P)
+                ut = u_tile[0:kp, slot, j * P : j * P + rp]
+                for c in range(nchunks):
+                    cw = min(MOV, mw - c * MOV)
+                    # moving: X_sub^T[kt-tile, chunk c]; the (tile, chunk) PSUM bank accumulates over kt
+                    moving = xt[0:kp, kt, c * MOV : c * MOV + cw]
+                    nisa.nc_matmul(
+                        acc[0:rp, j * nchunks + c, 0:cw], stationary=ut, moving=moving, accumulate=kt > 0
+                    )
+            slot = 1 - slot
+        for j in range(gw):
+            rp = min(P, R - (g0 + j) * P)
             for c in range(nchunks):
                 cw = min(MOV, mw - c * MOV)
-                # moving: X_sub^T[kt-tile, chunk c]; the chunk's PSUM bank accumulates over kt
-                moving = xt[0:kp, kt, c * MOV : c * MOV + cw]
-                nisa.nc_matmul(acc[0:rp, c, 0:cw], stationary=ut, moving=moving, accumulate=kt > 0)
-        for c in range(nchunks):
-            cw = min(MOV, mw - c * MOV)
-            # PSUM (fp32) -> SBUF strip in the compute dtype
-            nisa.tensor_copy(dst=strip[0:rp, rt, s0 + c * MOV : s0 + c * MOV + cw], src=acc[0:rp, c, 0:cw])
+                # PSUM (fp32) -> SBUF strip in the compute dtype
+                dst = strip[0:rp, g0 + j, s0 + c * MOV : s0 + c * MOV + cw]
+                nisa.tensor_copy(dst=dst, src=acc[0:rp, j * nchunks + c, 0:cw])
 
 
 def strips_for_block(x, m0, bm, block_mx, xt, x_rows, t_ps, factors, u_tile, acc):

@@ -54,6 +54,14 @@ def _broadcast_bias_bytes(N: int, size: int) -> int:
     return size * (P + MOV + N)
 
 
+def u_group(rank_tiles: int, BMX: int, fixed_psum: int, psum_banks: int) -> int:
+    """Rank tiles per U slab of the kernels that hold an X sub-block (``u_group``): as many as the
+    PSUM banks left after ``fixed_psum`` hold, ``ceil(BMX/512)`` banks per tile, at most
+    ``rank_tiles`` and at least 1.  Wider slabs are longer rows per DMA transfer."""
+    free = (psum_banks - fixed_psum) // max(1, cdiv(BMX, MOV))
+    return max(1, min(rank_tiles, free))
+
+
 def _block_counts(M: int, BM: int, BMX: int) -> tuple[int, int]:
     """(token blocks, X sub-blocks) for M tokens."""
     full, rest = divmod(M, BM)
@@ -64,10 +72,13 @@ def _block_counts(M: int, BM: int, BMX: int) -> tuple[int, int]:
 # fused X.U.V and dense X.W
 
 
-def xuv_sbuf_bytes(K: int, r: int, N: int, BM: int, BMX: int, BN: int, size: int, bias: bool) -> int:
-    """SBUF bytes per partition allocated by :func:`~neuronmm_fx.kernels.xuv.xuv_fused`."""
+def xuv_sbuf_bytes(
+    K: int, r: int, N: int, BM: int, BMX: int, BN: int, size: int, bias: bool, group: int = 1
+) -> int:
+    """SBUF bytes per partition allocated by :func:`~neuronmm_fx.kernels.xuv.xuv_fused` (``group``:
+    its ``u_group``)."""
     nk, nr = cdiv(K, P), cdiv(r, P)
-    b = size * (nk * BMX + min(K, X_ROW_COLS) + nr * BM + 2 * P + nr * BN + 2 * MOV)
+    b = size * (nk * BMX + min(K, X_ROW_COLS) + nr * BM + 2 * P * group + nr * BN + 2 * MOV)
     return b + (_broadcast_bias_bytes(N, size) if bias else 0)
 
 
@@ -149,8 +160,9 @@ class MlpShape:
         return int(self.act_bias) + int(self.gated and self.up_bias)
 
 
-def mlp_sbuf_bytes(sh: MlpShape, BM: int, BMX: int, BI: int, BN: int, size: int) -> int:
-    """SBUF bytes per partition allocated by :func:`~neuronmm_fx.kernels.mlp.svd_mlp_fused`."""
+def mlp_sbuf_bytes(sh: MlpShape, BM: int, BMX: int, BI: int, BN: int, size: int, group: int = 1) -> int:
+    """SBUF bytes per partition allocated by :func:`~neuronmm_fx.kernels.mlp.svd_mlp_fused` (``group``:
+    its ``u_group``)."""
     s = size
     nk, nI, nbi = cdiv(sh.K, P), cdiv(sh.I, P), cdiv(BI, P)
     b = s * (nk * BMX + min(sh.K, X_ROW_COLS))
@@ -159,7 +171,7 @@ def mlp_sbuf_bytes(sh: MlpShape, BM: int, BMX: int, BI: int, BN: int, size: int)
             b += s * cdiv(r, P) * BM
         b += s * cdiv(sh.K if r is None else r, P) * BI
     if any(r is not None for r in sh.inputs):
-        b += s * 2 * P
+        b += s * 2 * P * group
     if sh.gated:
         b += 4 * MOV
     b += 4 * nI * sh.bias_columns
@@ -173,9 +185,9 @@ def mlp_sbuf_bytes(sh: MlpShape, BM: int, BMX: int, BI: int, BN: int, size: int)
     return b + (_broadcast_bias_bytes(sh.H, s) if sh.down_bias else 0)
 
 
-def mlp_psum_banks(sh: MlpShape, BMX: int) -> int:
+def mlp_psum_banks(sh: MlpShape, BMX: int, group: int = 1) -> int:
     needs_acc = any(r is not None for r in sh.inputs) or sh.r_down is not None
-    return (cdiv(BMX, MOV) if needs_acc else 0) + FIXED_PSUM_MLP
+    return (group * cdiv(BMX, MOV) if needs_acc else 0) + FIXED_PSUM_MLP
 
 
 def mlp_hbm_bytes(sh: MlpShape, M: int, BM: int, BMX: int, size: int) -> int:
@@ -280,9 +292,10 @@ def transpose_cycles(M: int, K: int, fp32: bool) -> int:
     return per_tile * (4 if fp32 else 1)
 
 
-def _u_tiles_dma(K: int, r: int, size: int) -> float:
-    """:func:`~neuronmm_fx.kernels._blocks.strip_from_xt`: U in 128 x 128 tiles, rows of 128 columns."""
-    return sum(_dma(kp * rp * size, rp * size) for rp in _widths(r, P) for kp in _widths(K, P))
+def _u_tiles_dma(K: int, r: int, size: int, group: int = 1) -> float:
+    """:func:`~neuronmm_fx.kernels._blocks.strip_from_xt`: U in 128-row slabs of ``group`` rank tiles
+    (rows of up to group*128 columns)."""
+    return sum(_dma(kp * cw * size, cw * size) for cw in _widths(r, group * P) for kp in _widths(K, P))
 
 
 def _second_factor_dma(tokens: int, R: int, N: int, BN: int, size: int) -> float:
@@ -294,12 +307,14 @@ def _second_factor_dma(tokens: int, R: int, N: int, BN: int, size: int) -> float
     return cost
 
 
-def xuv_dma_cost(M: int, K: int, r: int, N: int, BM: int, BMX: int, BN: int, size: int, bias: bool) -> float:
+def xuv_dma_cost(
+    M: int, K: int, r: int, N: int, BM: int, BMX: int, BN: int, size: int, bias: bool, group: int = 1
+) -> float:
     """DMA queue bytes of :func:`~neuronmm_fx.kernels.xuv.xuv_fused`."""
     cost = _bias_dma(N, size) if bias else 0.0
     for bm in _widths(M, BM):
         for sw in _widths(bm, BMX):
-            cost += _x_transposed_dma(sw, K, size) + _u_tiles_dma(K, r, size)
+            cost += _x_transposed_dma(sw, K, size) + _u_tiles_dma(K, r, size, group)
         cost += _second_factor_dma(bm, r, N, BN, size)
     return cost
 
@@ -385,14 +400,16 @@ def mlp_kblocked_dma_cost(
     return _mlp_bias_dma(sh, s) + (u_rows(sh.K) if resident else 0.0) + _over(M, BM, block)
 
 
-def mlp_dma_cost(sh: MlpShape, M: int, BM: int, BMX: int, BI: int, BN: int, size: int) -> float:
+def mlp_dma_cost(
+    sh: MlpShape, M: int, BM: int, BMX: int, BI: int, BN: int, size: int, group: int = 1
+) -> float:
     """DMA queue bytes of :func:`~neuronmm_fx.kernels.mlp.svd_mlp_fused`."""
     s = size
     cost = _mlp_bias_dma(sh, s)
     for bm in _widths(M, BM):
         for sw in _widths(bm, BMX):
             cost += _x_transposed_dma(sw, sh.K, s)
-            cost += sum(_u_tiles_dma(sh.K, r, s) for r in sh.inputs if r is not None)
+            cost += sum(_u_tiles_dma(sh.K, r, s, group) for r in sh.inputs if r is not None)
         for bi in _widths(sh.I, BI):
             cost += _intermediate_block_dma(sh, bi, s)
         cost += _second_factor_dma(bm, sh.I if sh.r_down is None else sh.r_down, sh.H, BN, s)

@@ -76,6 +76,7 @@ def svd_mlp_fused(
     block_mx=512,
     block_i=512,
     block_n=512,
+    u_group=1,
 ):
     """Whole MLP in one kernel; the hidden activation h (M x I) never goes to HBM.
 
@@ -108,7 +109,8 @@ def svd_mlp_fused(
     D. The down strip is the stationary operand of ``.Vd`` (or ``.Wd``), streamed in column slabs
        exactly as in the fused X.U.V kernel; the down bias is added while evacuating.
 
-    Every weight is read once per token block (Ua, Uu once per X sub-block); X and Y once.
+    Every weight is read once per token block (Ua, Uu once per X sub-block, in slabs of ``u_group``
+    rank tiles as in :func:`~neuronmm_fx.kernels.xuv.xuv_fused`); X and Y once.
 
     Keeping h on chip: h exists only as a BI x BM tile, so it stays on chip for every shape the
     planner accepts.  What large ranks cost instead is a smaller token block: per token and
@@ -125,12 +127,12 @@ def svd_mlp_fused(
     nbi = ceil(BI/128)); all allocated once:
         xt (128, nk, BMX) s*nk*BMX           strips s*(na + nu)*BM (low-rank gate/up only)
         X rows s*min(K, 1024)
-        U tiles s*256                         gate/up second-factor slabs s*(Ra + Ru)/128*BI
+        U slabs s*256*G                       gate/up second-factor slabs s*(Ra + Ru)/128*BI
         act tile fp32 2048 (gated)            biases fp32 4*nI each
         h^T block s*nbi*BM                    (low-rank down) Ud rows s*nbi*rd, fp32 acc 4*nd*BM,
                                               down strip s*nd*BM, Vd slab s*nd*BN
         (dense down) Wd slab s*nI*BN          out s*1024 [+ s*(640 + H) down bias]
-    PSUM: ceil(BMX/512) banks (strip accumulation, reused by step C) + 2 (gate/up) + 2 (output)
+    PSUM: G*ceil(BMX/512) banks (strip accumulation, reused by step C) + 2 (gate/up) + 2 (output)
     + 1 (the transposes of X).
     """
     M, K = x.shape
@@ -171,7 +173,7 @@ def svd_mlp_fused(
             lowrank_factors.append((pu, strip))
         else:
             strips.append((xt, K, pu))
-    u_tile = nl.ndarray((P, 2, P), dtype=dt, buffer=nl.sbuf) if lowrank_count > 0 else None
+    u_tile = nl.ndarray((P, 2, u_group * P), dtype=dt, buffer=nl.sbuf) if lowrank_count > 0 else None
     sec = []  # the second factors' slabs, one per strip
     for j in range(len(strips)):
         sec.append(nl.ndarray((P, cdiv(strips[j][1], P), block_i), dtype=dt, buffer=nl.sbuf))
@@ -191,7 +193,7 @@ def svd_mlp_fused(
 
     acc = None
     if lowrank_count > 0 or lowrank_down:
-        acc = nl.ndarray((P, cdiv(block_mx, MOV), MOV), dtype=nl.float32, buffer=nl.psum)
+        acc = nl.ndarray((P, u_group * cdiv(block_mx, MOV), MOV), dtype=nl.float32, buffer=nl.psum)
     gu_ps = nl.ndarray((P, 2, MOV), dtype=nl.float32, buffer=nl.psum)
     out_ps = nl.ndarray((P, 2, MOV), dtype=nl.float32, buffer=nl.psum)
     t_ps = nl.ndarray((P, P), dtype=dt, buffer=nl.psum)

@@ -62,6 +62,7 @@ from .costs import (
     mlp_psum_banks,
     mlp_sbuf_bytes,
     transpose_cycles,
+    u_group,
     xuv_dma_cost,
     xuv_hbm_bytes,
     xuv_kblocked_dma_cost,
@@ -237,8 +238,9 @@ class XuvPlan(_XuvShape):
     block_m: int = 0
     block_mx: int = 0
     block_n: int = 0
+    u_group: int = 1
 
-    _BLOCKS: ClassVar = (("block_m", "BM"), ("block_mx", "BMX"), ("block_n", "BN"))
+    _BLOCKS: ClassVar = (("block_m", "BM"), ("block_mx", "BMX"), ("block_n", "BN"), ("u_group", "G"))
 
 
 @dataclass(frozen=True)
@@ -269,8 +271,11 @@ def plan_xuv(
     env = _env(target, dtype, sbuf_fraction, M * r * (K + N), (M, K))
     s = env.size
 
+    def group(BMX, rank=r):  # U slabs as wide as the PSUM banks left by BMX allow
+        return u_group(cdiv(rank, P), BMX, FIXED_PSUM_XUV, env.tgt.psum_banks)
+
     def sbuf(BM, BMX, BN, rank=r):
-        return xuv_sbuf_bytes(K, rank, N, BM, BMX, BN, s, bias)
+        return xuv_sbuf_bytes(K, rank, N, BM, BMX, BN, s, bias, group(BMX, rank))
 
     def hbm(BM, BMX):
         return xuv_hbm_bytes(M, K, r, N, BM, BMX, s, bias)
@@ -280,9 +285,10 @@ def plan_xuv(
     )
     if b is None:
         raise PlanError(_xuv_no_fit(env, K, r, N, min(M, P), bias, sbuf))
-    psum = cdiv(b.BMX, MOV) + FIXED_PSUM_XUV
-    dma = xuv_dma_cost(M, K, r, N, b.BM, b.BMX, b.BN, s, bias)
-    return XuvPlan._of(env, b, sbuf(b.BM, b.BMX, b.BN), psum, dma, M=M, K=K, r=r, N=N, bias=bias)
+    G = group(b.BMX)
+    psum = G * cdiv(b.BMX, MOV) + FIXED_PSUM_XUV
+    dma = xuv_dma_cost(M, K, r, N, b.BM, b.BMX, b.BN, s, bias, G)
+    return XuvPlan._of(env, b, sbuf(b.BM, b.BMX, b.BN), psum, dma, M=M, K=K, r=r, N=N, bias=bias, u_group=G)
 
 
 def _xuv_no_fit(env: _Env, K, r, N, tok, bias, sbuf) -> str:
@@ -551,8 +557,15 @@ class MlpPlan(_Common):
     block_mx: int = 0
     block_i: int = 0
     block_n: int = 0
+    u_group: int = 1
 
-    _BLOCKS: ClassVar = (("block_m", "BM"), ("block_mx", "BMX"), ("block_i", "BI"), ("block_n", "BN"))
+    _BLOCKS: ClassVar = (
+        ("block_m", "BM"),
+        ("block_mx", "BMX"),
+        ("block_i", "BI"),
+        ("block_n", "BN"),
+        ("u_group", "G"),
+    )
 
 
 def plan_svd_mlp(
@@ -572,16 +585,23 @@ def plan_svd_mlp(
         bi_cands = [sh.I]
     else:
         bi_cands = sorted({min(b, cdiv(sh.I, P) * P) for b in (512, 256, 128)}, reverse=True)
+    tied = any(r is None for r in sh.inputs)  # a dense gate/up projection uses X_blk^T as its strip
+    lowrank_in = [r for r in sh.inputs if r is not None]
+
+    def group(BMX):  # U slabs as wide as the PSUM banks left by BMX allow (1 for a tied search)
+        if tied or not lowrank_in:
+            return 1
+        return u_group(cdiv(max(lowrank_in), P), BMX, FIXED_PSUM_MLP, env.tgt.psum_banks)
+
     per_bi = {}
     for BI in bi_cands:
         b = _search(
             M,
             env,
             _col_candidates(sh.H, (512, 1024)),
-            lambda BM, BMX, BN, BI=BI: mlp_sbuf_bytes(sh, BM, BMX, BI, BN, s),
+            lambda BM, BMX, BN, BI=BI: mlp_sbuf_bytes(sh, BM, BMX, BI, BN, s, group(BMX)),
             lambda BM, BMX: mlp_hbm_bytes(sh, M, BM, BMX, s),
-            # a dense gate/up projection uses X_blk^T itself as its strip
-            tied=any(r is None for r in sh.inputs),
+            tied=tied,
             fixed_psum=FIXED_PSUM_MLP,
             psum=lambda BMX: mlp_psum_banks(sh, BMX),
         )
@@ -592,9 +612,11 @@ def plan_svd_mlp(
     t_best = min(b.t for b in per_bi.values())
     BI = max(bi for bi, b in per_bi.items() if b.t <= 1.05 * t_best)
     b = per_bi[BI]
-    sbuf = mlp_sbuf_bytes(sh, b.BM, b.BMX, BI, b.BN, s)
-    dma = mlp_dma_cost(sh, M, b.BM, b.BMX, BI, b.BN, s)
-    return MlpPlan._of(env, b, sbuf, mlp_psum_banks(sh, b.BMX), dma, M=M, shape=sh, block_i=BI)
+    G = group(b.BMX)
+    sbuf = mlp_sbuf_bytes(sh, b.BM, b.BMX, BI, b.BN, s, G)
+    dma = mlp_dma_cost(sh, M, b.BM, b.BMX, BI, b.BN, s, G)
+    psum = mlp_psum_banks(sh, b.BMX, G)
+    return MlpPlan._of(env, b, sbuf, psum, dma, M=M, shape=sh, block_i=BI, u_group=G)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from ._nki import nki, nl
 
 
 @nki.jit
-def xuv_fused(x, u, v, bias=None, block_m=512, block_mx=512, block_n=512):
+def xuv_fused(x, u, v, bias=None, block_m=512, block_mx=512, block_n=512, u_group=1):
     """Fused ``Y = X.U.V (+ bias)``: ``X.U`` never leaves the chip and is never recomputed.
 
     Shapes: x (M, K), u (K, r), v (r, N), bias (1, N) or None -> y (M, N), all one dtype
@@ -41,7 +41,8 @@ def xuv_fused(x, u, v, bias=None, block_m=512, block_mx=512, block_n=512):
        transposed on TensorE: K on partitions), then compute ``(X_sub.U)^T`` over the whole rank
        with U tiles stationary and ``X_sub^T`` moving; the K contraction accumulates in PSUM
        (fp32), the result is cast into the SBUF strip ``(X_blk.U)^T`` (r x BM, rank on partitions).
-       U is read once per sub-block.
+       U is read once per sub-block, in slabs of ``u_group`` (G) rank tiles (rows of G*128*s bytes),
+       G as large as PSUM allows: G*ceil(BMX/512) accumulation banks.
     2. The strip is the stationary operand of the second product.  V is streamed in r x BN slabs
        (read once per token block), each 128-token x 512-column output tile accumulates the whole
        r contraction in one PSUM bank, the bias is added while evacuating, and Y is stored.
@@ -50,11 +51,11 @@ def xuv_fused(x, u, v, bias=None, block_m=512, block_mx=512, block_n=512):
         xt  (128, nk, BMX)   s*nk*BMX      X_sub^T
         X rows (128, min(K, 1024)) s*min(K, 1024)  X as it lies in HBM, before its transposes
         strip (128, nr, BM)  s*nr*BM       (X_blk U)^T
-        U tiles (128, 2, 128) s*256
+        U slabs (128, 2, G*128) s*256*G
         V slab (128, nr, BN) s*nr*BN
         out (128, 2, 512)    s*1024
         bias (only with bias): s*(128 + 512 + N)
-    PSUM: ceil(BMX/512) banks for step 1 + 2 banks for step 2 + 1 for the transposes (<= 8 in
+    PSUM: G*ceil(BMX/512) banks for step 1 + 2 banks for step 2 + 1 for the transposes (<= 8 in
     total, so BMX <= 2560).
     HBM traffic: X and Y once, U once per X sub-block, V once per token block, bias once.
     """
@@ -69,10 +70,10 @@ def xuv_fused(x, u, v, bias=None, block_m=512, block_mx=512, block_n=512):
     xt = nl.ndarray((P, nk, block_mx), dtype=dt, buffer=nl.sbuf)
     x_rows = nl.ndarray((P, min(K, X_ROW_COLS)), dtype=dt, buffer=nl.sbuf)
     strip = nl.ndarray((P, nr, block_m), dtype=dt, buffer=nl.sbuf)
-    u_tile = nl.ndarray((P, 2, P), dtype=dt, buffer=nl.sbuf)
+    u_tile = nl.ndarray((P, 2, u_group * P), dtype=dt, buffer=nl.sbuf)
     v_blk = nl.ndarray((P, nr, block_n), dtype=dt, buffer=nl.sbuf)
     out_sb = nl.ndarray((P, 2, MOV), dtype=dt, buffer=nl.sbuf)
-    acc = nl.ndarray((P, cdiv(block_mx, MOV), MOV), dtype=nl.float32, buffer=nl.psum)
+    acc = nl.ndarray((P, u_group * cdiv(block_mx, MOV), MOV), dtype=nl.float32, buffer=nl.psum)
     out_ps = nl.ndarray((P, 2, MOV), dtype=nl.float32, buffer=nl.psum)
     t_ps = nl.ndarray((P, P), dtype=dt, buffer=nl.psum)
     bias_bc = broadcast_bias(bias, dt, out_ps[0:P, 0, 0:MOV])

@@ -110,6 +110,28 @@ def test_xuv_fused_low_precision_small_blocks(shape, dtype):
     _check(y, strip @ v64 + b64, dtype)
 
 
+@pytest.mark.parametrize("u_group, block_mx", [(2, 640), (3, 512)])
+def test_xuv_fused_grouped_u_slabs(u_group, block_mx):
+    """U loaded in slabs of several rank tiles (r = 300: groups of two or three tiles, the last
+    ragged), one or two token chunks per X sub-block: each (tile, chunk) in its own PSUM bank."""
+    M, K, r, N = 700, 260, 300, 200
+    rng = np.random.default_rng(u_group)
+    x, u, v = (_rand(rng, M, K, scale=1.0), _rand(rng, K, r), _rand(rng, r, N))
+    f32 = [a.astype(np.float32) for a in (x, u, v)]
+    run = run_kernel(xuv_fused, *f32, None, block_m=700, block_mx=block_mx, block_n=512, u_group=u_group)
+    _check(run.outputs, f32[0].astype(np.float64) @ f32[1] @ f32[2], "float32")
+    chunks = -(-block_mx // 512)
+    assert run.stats.peak_psum_banks == u_group * chunks + 3
+
+
+def test_svd_mlp_grouped_u_slabs_bfloat16():
+    rng = np.random.default_rng(4)
+    M, K, I, H = 300, 192, 320, 160  # noqa: E741
+    a = _mlp_case(rng, M, K, I, H, (300, 260, 200), True, True, "bfloat16")
+    y = _run_mlp(a, "silu", block_m=300, block_mx=300, block_i=256, block_n=512, u_group=3).outputs
+    _check(y, _mlp_reference(a, "silu", "bfloat16"), "bfloat16")
+
+
 @pytest.mark.parametrize("shape", [(37, 129, 100, 200), (300, 200, 130, 600)])
 def test_baselines_equal_reference(shape):
     M, K, r, N = shape

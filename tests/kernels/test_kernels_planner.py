@@ -16,6 +16,7 @@ from neuronmm_fx.kernels import (
     plan_xuv,
     rank_for_ratio,
 )
+from neuronmm_fx.kernels.costs import _u_tiles_dma
 
 
 def test_rank_for_ratio_matches_the_documented_examples():
@@ -118,3 +119,18 @@ def test_mlp_planner_model_equals_standin_counts(shape, target, M):
 def test_mlp_plan_error_for_huge_dense_down():
     with pytest.raises(PlanError, match="dense down projection keeps all of h"):
         plan_svd_mlp(4096, MlpShape(4096, 14336 * 8, 4096, 512, 512, None), "bfloat16", "trn1")
+
+
+def test_u_slabs_take_the_psum_banks_the_x_sub_block_leaves():
+    """G rank tiles per U slab: what PSUM holds besides the fixed banks, ceil(BMX/512) per tile."""
+    decode = plan_xuv(1, 2048, 1280, 8192, "bfloat16", "trn2")  # 10 rank tiles, one chunk
+    assert decode.u_group == 8 - 3
+    assert plan_xuv(1, 512, 256, 1024, "bfloat16", "trn2").u_group == 2  # no more than the rank has
+    prefill = plan_xuv(4096, 2048, 1280, 8192, "bfloat16", "trn2")
+    assert prefill.u_group == max(1, (8 - 3) // -(-prefill.block_mx // 512))
+    mlp = plan_svd_mlp(1, MlpShape(2048, 8192, 2048, 1280, 1280, 1280), "bfloat16", "trn2")
+    assert mlp.u_group == 8 - 5 and mlp.psum_banks == 8
+    planned = analyse_xuv(1, 2048, 1280, 8192, "bfloat16", "trn2", "fused")
+    assert planned.stats.dma_queue_bytes == pytest.approx(planned.plan.dma_cost_bytes, rel=1e-12)
+    # U rows of 5 x 128 bf16 columns (1,280 B) move at 5/8 of peak in the model, 128-column rows at 1/8
+    assert _u_tiles_dma(2048, 1280, 2, 1) == pytest.approx(5 * _u_tiles_dma(2048, 1280, 2, 5))
