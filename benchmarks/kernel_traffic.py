@@ -129,7 +129,15 @@ def _assemble_mlp(row: dict, xuv: dict) -> None:
         "hbm": 2 * up["variants"]["dense"]["hbm"] + down["variants"]["dense"]["hbm"] + elementwise,
         "time": dense_time + elementwise / dma_rate,
     }
-    row["split"] = {"hbm": row["split_bytes"], "time": split_time + elementwise / dma_rate}
+    picks = (up["variants"][up["choice"]], up["variants"][up["choice"]], down["variants"][down["choice"]])
+    engines = {e: sum(p["engines"][e] for p in picks) for e in ENGINES}  # launches one after another
+    engines["dma"] += elementwise / dma_rate
+    row["split"] = {
+        "hbm": row["split_bytes"],
+        "time": split_time + elementwise / dma_rate,
+        "engines": engines,
+        "bound_by": "3 launches",
+    }
     row["H"], row["I"] = H, I
 
 
@@ -166,19 +174,21 @@ def _mlp_forms(row: dict) -> dict:
 def _print_mlp(results: list[dict]) -> None:
     print(
         "| MLP | M | target | dense MB | projection by projection | fused MLP kernel | "
-        "K-blocked MLP kernel | compulsory | pick | pick vs dense (modelled) | "
+        "K-blocked MLP kernel | compulsory | pick | pick's engines T/V/S/DMA µs | pick vs dense (modelled) | "
         "pick vs fastest form (modelled) |"
     )
-    print("|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---|---|---:|---:|")
     for row in results:
         forms = _mlp_forms(row)
         pick = forms[row["choice"]]
         fastest = min(f["time"] for f in forms.values() if f)
+        engines = "/".join(f"{pick['engines'][e] * 1e6:.0f}" for e in ENGINES)
         print(
             f"| {row['key']} | {row['M']} | {row['target']} | {_mb(row['dense']['hbm'])} | "
             f"{_mb(row['split']['hbm'])} | {_mb(forms['fused'] and forms['fused']['hbm'])} | "
             f"{_mb(forms['kblocked'] and forms['kblocked']['hbm'])} | {_mb(row['compulsory'])} | "
-            f"{row['choice']} | {row['dense']['time'] / pick['time']:.2f}× | {pick['time'] / fastest:.2f}× |"
+            f"{row['choice']} | {engines} ({pick['bound_by']}) | "
+            f"{row['dense']['time'] / pick['time']:.2f}× | {pick['time'] / fastest:.2f}× |"
         )
 
 
