@@ -14,7 +14,9 @@ HBM traffic is therefore an exact, closed-form function of (BM, BMX), and it fal
 What limits BM is SBUF: the cost model (:mod:`neuronmm_fx.kernels.costs`) writes down, term by
 term, the bytes per partition that each kernel allocates; the planner subtracts the fixed part
 from the budget and divides by the per-token part.  PSUM is the other constraint: ``ceil(BMX/512)`` banks for
-the strip accumulation plus the kernel's fixed banks must stay <= 8.
+the strip accumulation plus the kernel's fixed banks must stay <= 8; the banks BMX leaves free set how
+many rank tiles each U slab carries (``u_group``, :func:`~neuronmm_fx.kernels.costs.u_group`), which
+widens U's transfers without changing the traffic.
 
 One search (:func:`_search`) serves the kernels that hold an X sub-block; the K-blocked kernels
 (:func:`plan_xuv_kblocked`, :func:`plan_svd_mlp_kblocked`) walk their own grids of K slabs, column
