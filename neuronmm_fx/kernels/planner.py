@@ -340,6 +340,49 @@ def _balanced_block(M: int, bm_max: int) -> int:
     return rounded if rounded <= bm_max else even
 
 
+def _search_kblocked(M: int, env: _Env, t_te: float, grid, sbuf, hbm, dma, prefer) -> dict | None:
+    """The best blocks of a kernel that sums its strips over K slabs, or None if nothing fits.
+
+    ``grid``: the candidate block sizes other than the token block, as dicts of kernel arguments.
+    For each, ``sbuf(BM, **blocks)`` (bytes per partition, linear in BM) gives the fewest equal token
+    blocks that fit (:func:`_balanced_block`); ``hbm`` and ``dma`` (same arguments) give traffic
+    and DMA queue bytes.  The shortest modelled time wins, then the least traffic, then
+    ``prefer(blocks)`` (a tuple, smaller first).  Returns the blocks with ``block_m`` added and the
+    plan's figures (``traffic``, ``time``, ``dma``, ``sbuf``)."""
+    best = None
+    for blocks in grid:
+        fixed = sbuf(0, **blocks)
+        bm_max = (env.budget - fixed) // (sbuf(1, **blocks) - fixed)
+        if bm_max < min(M, P):
+            continue
+        BM = _balanced_block(M, bm_max)
+        traffic, cost = hbm(BM, **blocks), dma(BM, **blocks)
+        t = _modelled_time(env, t_te, cost)
+        key = (t, traffic, *prefer(blocks))
+        if best is None or key < best[0]:
+            best = (key, {"block_m": BM, **blocks}, traffic, t, cost, sbuf(BM, **blocks))
+    if best is None:
+        return None
+    _, blocks, traffic, t, cost, sbuf_bytes = best
+    return {"blocks": blocks, "traffic": traffic, "time": t, "dma": cost, "sbuf": sbuf_bytes}
+
+
+def _kblocked_plan(cls, env: _Env, found: dict, psum_banks: int, **shape):
+    """The plan of a :func:`_search_kblocked` result."""
+    return cls(
+        target=env.tgt.name,
+        dtype=env.dtype,
+        sbuf_bytes=found["sbuf"],
+        sbuf_budget=env.budget,
+        psum_banks=psum_banks,
+        hbm_bytes=found["traffic"],
+        estimated_time_s=found["time"],
+        dma_cost_bytes=found["dma"],
+        **shape,
+        **found["blocks"],
+    )
+
+
 def plan_xuv_kblocked(
     M: int,
     K: int,
@@ -362,49 +405,34 @@ def plan_xuv_kblocked(
     env = _env(target, dtype, sbuf_fraction, M * r * K, (M, K))
     t_te = env.t_te + M * r * N / (P * P) * (1 if staged else 4) / env.tgt.clock_hz
     s = env.size
-    best = None
-    for BK in _col_candidates(cdiv(K, P) * P, (128, 256, 512, 1024, 2048)):
-        for BN in _col_candidates(N, (512, 1024, 2048)):
-            for resident in (0, 1):
-
-                def sbuf(BM, BK=BK, BN=BN, resident=resident):
-                    return xuv_kblocked_sbuf_bytes(K, r, N, BM, BK, BN, s, bias, bool(resident), staged)
-
-                bm_max = (env.budget - sbuf(0)) // (sbuf(1) - sbuf(0))
-                if bm_max < min(M, P):
-                    continue
-                BM = _balanced_block(M, bm_max)
-                traffic = xuv_kblocked_hbm_bytes(M, K, r, N, BM, s, bias, bool(resident))
-                dma = xuv_kblocked_dma_cost(M, K, r, N, BM, BK, BN, s, bias, bool(resident), staged)
-                t = _modelled_time(env, t_te, dma)
-                key = (t, traffic, -BN, resident, -BK)
-                if best is None or key < best[0]:
-                    best = (key, BM, BK, BN, resident, traffic, t, dma, sbuf(BM))
-    if best is None:
+    grid = [
+        {"block_k": BK, "block_n": BN, "u_resident": resident}
+        for BK in _col_candidates(cdiv(K, P) * P, (128, 256, 512, 1024, 2048))
+        for BN in _col_candidates(N, (512, 1024, 2048))
+        for resident in (0, 1)
+    ]
+    found = _search_kblocked(
+        M,
+        env,
+        t_te,
+        grid,
+        lambda BM, block_k, block_n, u_resident: xuv_kblocked_sbuf_bytes(
+            K, r, N, BM, block_k, block_n, s, bias, bool(u_resident), staged
+        ),
+        lambda BM, block_k, block_n, u_resident: xuv_kblocked_hbm_bytes(
+            M, K, r, N, BM, s, bias, bool(u_resident)
+        ),
+        lambda BM, block_k, block_n, u_resident: xuv_kblocked_dma_cost(
+            M, K, r, N, BM, block_k, block_n, s, bias, bool(u_resident), staged
+        ),
+        lambda b: (-b["block_n"], b["u_resident"], -b["block_k"]),
+    )
+    if found is None:
         raise PlanError(
             f"K-blocked fused X.U.V with r={r}, N={N} ({env.dtype}) does not fit {env.tgt.name}: even "
             f"BM={min(M, P)}, BK=128, BN={min(N, 512)} needs more than the {env.budget / 1024:.1f} KiB budget"
         )
-    _, BM, BK, BN, resident, traffic, t, dma, sbuf_bytes = best
-    return XuvKPlan(
-        target=env.tgt.name,
-        dtype=env.dtype,
-        sbuf_bytes=sbuf_bytes,
-        sbuf_budget=env.budget,
-        psum_banks=FIXED_PSUM_KBLOCKED,
-        hbm_bytes=traffic,
-        estimated_time_s=t,
-        dma_cost_bytes=dma,
-        M=M,
-        K=K,
-        r=r,
-        N=N,
-        bias=bias,
-        block_m=BM,
-        block_k=BK,
-        block_n=BN,
-        u_resident=resident,
-    )
+    return _kblocked_plan(XuvKPlan, env, found, FIXED_PSUM_KBLOCKED, M=M, K=K, r=r, N=N, bias=bias)
 
 
 def plan_dense(
@@ -509,6 +537,12 @@ class XuvChoice:
 XUV_FORMS = ("fused", "kblocked", "unfused")
 
 
+def _fewest_bytes(figures: dict, order: tuple) -> str:
+    """The form choosers' rule: of ``figures`` (form -> (HBM bytes, modelled seconds)), the form
+    that moves the fewest bytes, then the shorter time, then the earlier in ``order``."""
+    return min(figures, key=lambda form: (*figures[form], order.index(form)))
+
+
 @functools.lru_cache(maxsize=512)
 def choose_xuv(
     M: int,
@@ -543,7 +577,7 @@ def choose_xuv(
         raise PlanError(
             f"no X.U.V form fits K={K}, r={r}, N={N} ({dtype}) on {get_target(target).name}{only}"
         )
-    form = min(fitting, key=lambda f: (fitting[f].hbm_bytes, fitting[f].estimated_time_s, XUV_FORMS.index(f)))
+    form = _fewest_bytes({f: (p.hbm_bytes, p.estimated_time_s) for f, p in fitting.items()}, XUV_FORMS)
     return XuvChoice(form, fitting[form], candidates)
 
 
@@ -552,9 +586,15 @@ def choose_xuv(
 
 
 @dataclass(frozen=True)
-class MlpPlan(_Common):
+class _MlpShapeFields(_Common):
+    """The shape fields every MLP plan carries."""
+
     M: int = 0
     shape: MlpShape | None = None
+
+
+@dataclass(frozen=True)
+class MlpPlan(_MlpShapeFields):
     block_m: int = 0
     block_mx: int = 0
     block_i: int = 0
@@ -622,11 +662,9 @@ def plan_svd_mlp(
 
 
 @dataclass(frozen=True)
-class MlpKPlan(_Common):
+class MlpKPlan(_MlpShapeFields):
     """Blocks of the K-blocked MLP kernel :func:`~neuronmm_fx.kernels.mlp.svd_mlp_kblocked`."""
 
-    M: int = 0
-    shape: MlpShape | None = None
     block_m: int = 0
     block_k: int = 0
     block_i: int = 0
@@ -667,49 +705,36 @@ def plan_svd_mlp_kblocked(
     staged = dname == "bfloat16"
     env = _env(target, dtype, sbuf_fraction, mlp_macs(sh, M), (M, sh.K))
     s = env.size
-    best = None
-    for BK in _col_candidates(cdiv(sh.K, P) * P, (128, 256, 512, 1024, 2048)):
-        for BI in _col_candidates(cdiv(sh.I, P) * P, (128, 256, 512, 1024, 2048)):
-            for BN in _col_candidates(sh.H, (512, 1024, 2048)):
-                for resident in (0, 1):
-
-                    def sbuf(BM, BK=BK, BI=BI, BN=BN, resident=resident):
-                        return mlp_kblocked_sbuf_bytes(sh, BM, BK, BI, BN, s, bool(resident), staged)
-
-                    bm_max = (env.budget - sbuf(0)) // (sbuf(1) - sbuf(0))
-                    if bm_max < min(M, P):
-                        continue
-                    BM = _balanced_block(M, bm_max)
-                    traffic = mlp_kblocked_hbm_bytes(sh, M, BM, s, bool(resident))
-                    dma = mlp_kblocked_dma_cost(sh, M, BM, BK, BI, BN, s, bool(resident))
-                    t = _modelled_time(env, env.t_te, dma)
-                    key = (t, traffic, -BI, -BN, resident, -BK)
-                    if best is None or key < best[0]:
-                        best = (key, BM, BK, BI, BN, resident, traffic, t, dma, sbuf(BM))
-    if best is None:
+    grid = [
+        {"block_k": BK, "block_i": BI, "block_n": BN, "u_resident": resident}
+        for BK in _col_candidates(cdiv(sh.K, P) * P, (128, 256, 512, 1024, 2048))
+        for BI in _col_candidates(cdiv(sh.I, P) * P, (128, 256, 512, 1024, 2048))
+        for BN in _col_candidates(sh.H, (512, 1024, 2048))
+        for resident in (0, 1)
+    ]
+    found = _search_kblocked(
+        M,
+        env,
+        env.t_te,
+        grid,
+        lambda BM, block_k, block_i, block_n, u_resident: mlp_kblocked_sbuf_bytes(
+            sh, BM, block_k, block_i, block_n, s, bool(u_resident), staged
+        ),
+        lambda BM, block_k, block_i, block_n, u_resident: mlp_kblocked_hbm_bytes(
+            sh, M, BM, s, bool(u_resident)
+        ),
+        lambda BM, block_k, block_i, block_n, u_resident: mlp_kblocked_dma_cost(
+            sh, M, BM, block_k, block_i, block_n, s, bool(u_resident)
+        ),
+        lambda b: (-b["block_i"], -b["block_n"], b["u_resident"], -b["block_k"]),
+    )
+    if found is None:
         raise PlanError(
             f"K-blocked MLP K={sh.K}, I={sh.I}, H={sh.H}, ranks act={sh.r_act} up={sh.r_up} "
             f"down={sh.r_down} ({env.dtype}) does not fit {env.tgt.name}: even BM={min(M, P)}, BK=128, "
             f"BI=128 needs more than the {env.budget / 1024:.1f} KiB budget"
         )
-    _, BM, BK, BI, BN, resident, traffic, t, dma, sbuf_bytes = best
-    return MlpKPlan(
-        target=env.tgt.name,
-        dtype=env.dtype,
-        sbuf_bytes=sbuf_bytes,
-        sbuf_budget=env.budget,
-        psum_banks=FIXED_PSUM_MLP_KBLOCKED,
-        hbm_bytes=traffic,
-        estimated_time_s=t,
-        dma_cost_bytes=dma,
-        M=M,
-        shape=sh,
-        block_m=BM,
-        block_k=BK,
-        block_i=BI,
-        block_n=BN,
-        u_resident=resident,
-    )
+    return _kblocked_plan(MlpKPlan, env, found, FIXED_PSUM_MLP_KBLOCKED, M=M, shape=sh)
 
 
 MLP_FORMS = ("fused", "kblocked", "split")
@@ -780,7 +805,7 @@ def choose_svd_mlp(M: int, shape: MlpShape, dtype="bfloat16", target: str | Targ
     figures.update(
         {form: (p.hbm_bytes, p.estimated_time_s) for form, p in candidates.items() if p is not None}
     )
-    form = min(figures, key=lambda f: (*figures[f], MLP_FORMS.index(f)))
+    form = _fewest_bytes(figures, MLP_FORMS)
     return MlpChoice(form, candidates.get(form), candidates, split_bytes, split_time)
 
 
