@@ -18,9 +18,10 @@ the strip accumulation plus the kernel's fixed banks must stay <= 8; the banks B
 many rank tiles each U slab carries (``u_group``, :func:`~neuronmm_fx.kernels.costs.u_group`), which
 widens U's transfers without changing the traffic.
 
-One search (:func:`_search`) serves the kernels that hold an X sub-block; the K-blocked kernels
-(:func:`plan_xuv_kblocked`, :func:`plan_svd_mlp_kblocked`) walk their own grids of K slabs, column
-and intermediate blocks and U resident or not.  Among the candidates that fit (BMX over
+One search (:func:`_search`) serves the kernels that hold an X sub-block; another
+(:func:`_search_kblocked`) serves the K-blocked kernels (:func:`plan_xuv_kblocked`,
+:func:`plan_svd_mlp_kblocked`), each over its grid of K slabs, column and intermediate blocks and U
+resident or not.  Among the candidates that fit (BMX over
 multiples of 128, BN over {512, 1024, 2048} ({512, 1024} for the MLP), BI over {512, 256, 128} for
 the MLP), it minimises the roofline time ``max(TensorE lower bound, HBM bytes / bandwidth)``, then
 HBM bytes (i.e. maximises arithmetic intensity), then prefers larger column blocks (fewer, larger
