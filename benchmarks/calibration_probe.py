@@ -6,7 +6,10 @@ variant's options are ``optimize()`` keywords, plus two probe-only keys:
 
 * ``"_patch"``: ``{"module.CONSTANT": value}``, set for that variant and restored after it (e.g.
   ``neuronmm_fx.compress.calibration.SELF_TEMPERATURE``), for settings that are constants, not options;
-* ``"_ft"``: ``FinetuneConfig`` fields, to add a recovery fine-tune.
+* ``"_ft"``: ``FinetuneConfig`` fields, to add a recovery fine-tune;
+* ``"_seed"``: the seed of the self-written calibration text (default 0), to see one draw's spread;
+* ``"_second_stage_scale"``: a factor on the estimated loss curves of the MLPs' last projections
+  (down, ``out``) before allocation, to test the balance between first and second stage.
 
 Run: python benchmarks/calibration_probe.py '{"default": {}, "16k tokens": {"calibration_tokens": 16384}}'
      [--text ../shared/data/wikitext-2/test.txt] [--tokens 2048] [--text-tokens 4096]
@@ -16,7 +19,9 @@ Prints one JSON line per variant: KL and perplexity over dense per text, the pha
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import functools
 import importlib
 import json
 import os
@@ -27,6 +32,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import neuronmm_fx  # noqa: E402
+from neuronmm_fx.compress import calibration, strategy  # noqa: E402
 from neuronmm_fx.compress.finetune import FinetuneConfig  # noqa: E402
 from neuronmm_fx.evaluate import quality  # noqa: E402
 from neuronmm_fx.models import demo_text, load_smollm2  # noqa: E402
@@ -43,6 +49,35 @@ def _patched(patches: dict):
         saved.append((module, name, getattr(module, name)))
         setattr(module, name, value)
     return saved
+
+
+class _ScaledCurve:
+    """A measured loss curve multiplied by ``factor`` (the rest of the measurement as it was)."""
+
+    def __init__(self, measured, factor: float) -> None:
+        self.curve = lambda rank: factor * measured.curve(rank)
+        self.fisher, self.note = measured.fisher, measured.note
+
+
+@contextlib.contextmanager
+def _probing(seed: int, second_stage_scale: float):
+    """The self-written text drawn with ``seed``; second-stage loss curves scaled; both restored after."""
+    generate, measure = calibration.self_generated, strategy._measure_curves
+
+    def scaled_measure(model, stack, jobs, data, config):
+        measured, note = measure(model, stack, jobs, data, config)
+        for job in jobs:
+            if not job.first_stage:
+                measured[id(job.projection)] = _ScaledCurve(measured[id(job.projection)], second_stage_scale)
+        return measured, note
+
+    calibration.self_generated = functools.partial(generate, seed=seed)
+    if second_stage_scale != 1.0:
+        strategy._measure_curves = scaled_measure
+    try:
+        yield
+    finally:
+        calibration.self_generated, strategy._measure_curves = generate, measure
 
 
 def main(argv=None) -> int:
@@ -65,9 +100,11 @@ def main(argv=None) -> int:
         saved = _patched(options.pop("_patch", {}))
         if "_ft" in options:
             options["finetune"] = FinetuneConfig(progress=False, **options.pop("_ft"))
+        probing = _probing(options.pop("_seed", 0), float(options.pop("_second_stage_scale", 1.0)))
         try:
             started = time.perf_counter()
-            compressed = neuronmm_fx.optimize(copy.deepcopy(model), **options)
+            with probing:
+                compressed = neuronmm_fx.optimize(copy.deepcopy(model), **options)
             seconds = time.perf_counter() - started
             row = {"variant": name, "seconds": round(seconds, 1)}
             for text, tokens in ids.items():
