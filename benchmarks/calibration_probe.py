@@ -12,7 +12,7 @@ variant's options are ``optimize()`` keywords, plus two probe-only keys:
   (down, ``out``) before allocation, to test the balance between first and second stage.
 
 Run: python benchmarks/calibration_probe.py '{"default": {}, "16k tokens": {"calibration_tokens": 16384}}'
-     [--text ../shared/data/wikitext-2/test.txt] [--tokens 2048] [--text-tokens 4096]
+     [--text ../shared/data/wikitext-2/test.txt] [--tokens 2048]
 Prints one JSON line per variant: KL and perplexity over dense per text, the phases' seconds.
 """
 
@@ -84,8 +84,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("variants", help="JSON object: variant name -> optimize() options")
     parser.add_argument("--text", type=Path, help="a second text to score (e.g. WikiText-2 test)")
-    parser.add_argument("--tokens", type=int, default=2048, help="tokens of the shipped text scored")
-    parser.add_argument("--text-tokens", type=int, default=4096, help="tokens of --text scored")
+    parser.add_argument("--tokens", type=int, default=2048, help="tokens of each text scored")
     args = parser.parse_args(argv)
     variants = json.loads(args.variants)
     model, tokenizer = load_smollm2()

@@ -15,7 +15,7 @@ import neuronmm_fx
 from neuronmm_fx import ConfigError
 from neuronmm_fx.compress import sensitivity
 from neuronmm_fx.compress.calibration import Calibration, calibrate
-from neuronmm_fx.compress.factorize import svd_by_gram, whitening
+from neuronmm_fx.compress.factorize import GRAM_BLOCKED_WIDTH, GRAM_BLOCKS, gram, svd_by_gram, whitening
 from neuronmm_fx.compress.finetune import FinetuneConfig, _held_out_loss, _split, finetune
 from neuronmm_fx.compress.ranks import MatrixShape, allocate_global, weighted_truncation_loss
 from neuronmm_fx.passes.match import break_even_rank
@@ -66,6 +66,18 @@ def test_svd_by_gram_equals_the_svd_for_wide_and_tall_matrices():
         left, singular, right_t = svd_by_gram(matrix)
         torch.testing.assert_close(singular, torch.linalg.svdvals(matrix))
         torch.testing.assert_close(left @ torch.diag(singular) @ right_t, matrix)
+
+
+@pytest.mark.parametrize("width", [GRAM_BLOCKED_WIDTH - 1, GRAM_BLOCKED_WIDTH, 577, 1536])
+def test_gram_multiplies_the_upper_block_triangle_and_equals_the_full_product(width):
+    x = torch.randn(40, width, generator=torch.Generator().manual_seed(width), dtype=torch.float64)
+    product = gram(x)
+    torch.testing.assert_close(product, x.t() @ x, rtol=1e-12, atol=1e-10)
+    if width >= GRAM_BLOCKED_WIDTH:  # blocks below the diagonal blocks are copies: exactly symmetric
+        block = torch.arange(width) // -(-width // GRAM_BLOCKS)
+        apart = block[:, None] != block[None, :]
+        assert torch.equal(product[apart], product.t()[apart])
+    assert product.dtype == x.dtype and product.shape == (width, width)
 
 
 # --- sensitivity ----------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from neuronmm_fx.compress.factorize import gram
 from neuronmm_fx.compress.layerwise import release_free_memory
 from neuronmm_fx.errors import ConfigError
 
@@ -368,11 +369,11 @@ def collect_grams(
 
         def hook(module, args, key=key):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (tokens, K)
-            gram = x.t() @ x  # float32 product of one batch ...
+            product = gram(x)  # float32 product of one batch ...
             if key in grams:
-                grams[key] += gram.double()  # ... accumulated in float64
+                grams[key] += product.double()  # ... accumulated in float64
             else:
-                grams[key] = gram.double()
+                grams[key] = product.double()
             rows[key] = rows.get(key, 0) + x.shape[0]
 
         handles.append(model.get_submodule(path).register_forward_pre_hook(hook))

@@ -27,6 +27,30 @@ from neuronmm_fx.passes.match import Projection, Site
 
 WHITENING_DAMPING = 1e-6  # added to the Gram's diagonal, relative to its mean diagonal
 EIGEN_FLOOR = 1e-10  # smallest eigenvalue kept, relative to the largest
+GRAM_BLOCKS = 4  # column blocks of a Gram product; only the upper block triangle is multiplied
+GRAM_BLOCKED_WIDTH = 512  # narrower inputs take one plain product
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """``xᵀ·x`` of a (rows, width) matrix in its dtype, multiplying only the upper block triangle.
+
+    The width is cut into ``GRAM_BLOCKS`` column blocks; block row ``i`` is ``x_iᵀ·x[:, i:]``, and
+    the blocks below the diagonal are copied transposed from it: 10/16 of a full product's
+    multiply-adds for the same dot products.  On 2 cores, a (1024, 1536) float32 input took 19 ms
+    against 26 ms and a (1024, 576) one 2.6 ms against 4.6 ms; the calibration walks form a few
+    hundred of these.
+    """
+    width = x.shape[-1]
+    if width < GRAM_BLOCKED_WIDTH:
+        return x.t() @ x
+    step = -(-width // GRAM_BLOCKS)
+    out = x.new_empty(width, width)
+    for start in range(0, width, step):
+        stop = min(start + step, width)
+        block_row = x[:, start:stop].t() @ x[:, start:]  # (stop - start, width - start)
+        out[start:stop, start:] = block_row
+        out[stop:, start:stop] = block_row[:, stop - start :].t()
+    return out
 
 
 class Factorizer(Protocol):
@@ -145,8 +169,7 @@ def svd_by_gram(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     truncation drops anyway; vectors of (numerically) zero singular values are arbitrary.
     """
     wide = matrix.shape[0] <= matrix.shape[1]
-    gram = matrix @ matrix.t() if wide else matrix.t() @ matrix
-    eigenvalues, vectors = torch.linalg.eigh(gram)
+    eigenvalues, vectors = torch.linalg.eigh(gram(matrix.t() if wide else matrix))
     eigenvalues, vectors = eigenvalues.flip(0), vectors.flip(1)  # descending
     singular = eigenvalues.clamp_min(0.0).sqrt()
     finfo = torch.finfo(matrix.dtype)

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from neuronmm_fx.compress import layerwise
-from neuronmm_fx.compress.factorize import fisher_weights, split_factors, whitened_svd, whitening
+from neuronmm_fx.compress.factorize import fisher_weights, gram, split_factors, whitened_svd, whitening
 from neuronmm_fx.passes.match import Projection
 
 _FISHER_NOTE = "; output channels weighted by their Fisher information"
@@ -87,11 +87,11 @@ class GramAccumulator:
 
     def add(self, key: Hashable, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
-        gram = (x.t() @ x).double()
+        product = gram(x).double()
         if key in self.grams:
-            self.grams[key] += gram
+            self.grams[key] += product
         else:
-            self.grams[key] = gram
+            self.grams[key] = product
         self.tokens[key] = self.tokens.get(key, 0) + x.shape[0]
 
     def mean(self, key: Hashable) -> torch.Tensor:
