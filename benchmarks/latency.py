@@ -27,7 +27,12 @@ business; here what shows is the smaller matrices and the compiler.
 
     python benchmarks/latency.py [--ratios 0.2 0.5] [--prompt-tokens 64] [--new-tokens 16]
                                  [--repeats 9] [--threads N] [--all-logits] [--freezing]
-                                 [--plot FILE.png]
+                                 [--mlp-split] [--plot FILE.png]
+
+``--mlp-split`` adds a compiled variant whose MLPs return zeros (the rest of the model as it is),
+timed in the same rounds, and prints each compiled variant's MLP share of prefill (paired median of
+its prefill minus that variant's) against the MLP matmul FLOPs: whether the factored MLPs or the
+rest of the model keep a compressed model from its FLOP ideal.
 
 ``--freezing`` sets Inductor's inference setting ``torch._inductor.config.freezing`` for every
 compiled variant, dense and compressed alike: weights become constants, folded and prepacked for
@@ -38,11 +43,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -78,6 +85,40 @@ def load():
     return model.eval(), tokenizer
 
 
+class _NoMLP(nn.Module):
+    """Stands in for a decoder layer's MLP: its output is zeros, so only the rest of the model runs."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(hidden)
+
+
+def _mlp_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for layer in model.model.layers for p in layer.mlp.parameters())
+
+
+def _print_mlp_split(runs, models: dict[str, nn.Module], ideals: dict, dense_total: float) -> None:
+    """Each compiled variant's MLP part of prefill (paired against the MLP-less model) and its FLOPs."""
+    rest = [prefill for prefill, _ in runs["no MLPs compiled"]]
+    dense_mlp = statistics.median(p - r for (p, _), r in zip(runs["dense compiled"], rest, strict=True))
+    rest_ms = statistics.median(rest) * 1e3
+    print(f"\nprefill without MLPs (compiled): {rest_ms:.1f} ms")
+    print(
+        "| variant | MLP part ms | MLP FLOPs vs dense | MLP time vs dense "
+        "| prefill of ideal at dense MLP rate |"
+    )
+    print("|---|---|---|---|---|")
+    for name, model in models.items():
+        mlp = statistics.median(p - r for (p, _), r in zip(runs[name], rest, strict=True))
+        flops = _mlp_parameters(model) / _mlp_parameters(models["dense compiled"])
+        line = f"| {name} | {mlp * 1e3:.1f} | {flops:.3f} | {mlp / dense_mlp:.3f} |"
+        ratio = float(name.split()[0]) if name[0].isdigit() else None
+        if ratio is None:
+            print(line + " |")
+            continue
+        at_dense_rate = dense_total / (rest_ms / 1e3 + dense_mlp * flops)
+        print(line + f" {at_dense_rate / ideals[ratio][0]:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.5])
@@ -94,9 +135,15 @@ def main() -> None:
         help="prefill computes every position's logits (default: the last one's, as generate() does)",
     )
     parser.add_argument("--freezing", action="store_true", help="Inductor freezing, every compiled variant")
+    parser.add_argument(
+        "--mlp-split", action="store_true", help="also time the model without MLPs, and split prefill"
+    )
     parser.add_argument("--plot", metavar="FILE.png", help="also draw the latencies (matplotlib)")
     args = parser.parse_args()
     torch._inductor.config.freezing = args.freezing
+    # every compiled variant compiles the same model class's forward (a prefill and a decode graph
+    # each): more variants than Dynamo's default of 8 graphs per code object would fall back to eager
+    torch._dynamo.config.recompile_limit = 64
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -113,6 +160,12 @@ def main() -> None:
         flush=True,
     )
     variants = {"dense eager": model, "dense compiled": torch.compile(model)}
+    compiled_models = {"dense compiled": model}
+    if args.mlp_split:
+        without = copy.deepcopy(model)
+        for layer in without.model.layers:
+            layer.mlp = _NoMLP()
+        variants["no MLPs compiled"] = torch.compile(without)
     ideals = {}
     calibration = neuronmm_fx.calibrate(model)
     backend.clear_records()
@@ -128,6 +181,7 @@ def main() -> None:
         )
         variants[f"{ratio} eager"] = compressed
         variants[f"{ratio} compiled"] = torch.compile(compressed, backend="neuronmm")
+        compiled_models[f"{ratio} compiled"] = compressed
         ideals[ratio] = ideal_ratios(model, compressed, config, ids.shape[1], args.logits_to_keep)
     runs, tokens = timed_runs(
         variants, config, ids, args.new_tokens, args.repeats, args.logits_to_keep, log=print
@@ -137,6 +191,7 @@ def main() -> None:
     print(f"neuronmm backend: {len(backend.records())} graph(s), {fused} svd_mlp site(s), handed on {forms}")
 
     summary = summarize(runs, baseline="dense compiled")
+    summary.pop("no MLPs compiled", None)
     if args.plot:
         from neuronmm_fx.plots import plot_latency
 
@@ -157,6 +212,9 @@ def main() -> None:
             f"| {latency.decode_speedup:.2f} ({d_low:.2f}–{d_high:.2f}) | {byte_ideal:.2f} "
             f"| {latency.decode_speedup / byte_ideal:.2f} |"
         )
+    if args.mlp_split:
+        dense_prefill = statistics.median(prefill for prefill, _ in runs["dense compiled"])
+        _print_mlp_split(runs, compiled_models, ideals, dense_prefill)
     for ratio in args.ratios:
         same = torch.equal(tokens[f"{ratio} eager"], tokens[f"{ratio} compiled"])
         print(f"ratio {ratio}: compressed eager and compressed compiled greedy tokens equal: {same}")
