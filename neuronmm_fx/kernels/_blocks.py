@@ -23,7 +23,7 @@ __all__ = [
     "accumulate_tiles",
     "broadcast_bias",
     "cdiv",
-    "load_u_rows",
+    "load_row_tiles",
     "load_x_transposed",
     "stream_from_fp32_strip",
     "stream_second_factor",
@@ -107,13 +107,14 @@ def strips_for_block(x, m0, bm, block_mx, xt, x_rows, t_ps, factors, u_tile, acc
             strip_from_xt(xt, sw, u, strip, s0, u_tile, acc)
 
 
-def load_u_rows(u, k0, bk, u_sb, first):
-    """``u_sb[:, first + kt, 0:r] = U[k0 + kt*128 : ..., 0:r]`` for the 128-row tiles kt of the ``bk``
-    rows of U from ``k0``: rows of all r columns (r*s bytes per partition per transfer)."""
-    R = u.shape[1]
-    for kt in range(cdiv(bk, P)):
-        kp = min(P, bk - kt * P)
-        nisa.dma_copy(dst=u_sb[0:kp, first + kt, 0:R], src=u[k0 + kt * P : k0 + kt * P + kp, 0:R])
+def load_row_tiles(src, r0, rows, c0, cols, dst, first):
+    """``dst[:, first + t, 0:cols] = src[r0 + t*128 : ..., c0 : c0 + cols]`` for the 128-row tiles t of
+    the ``rows`` rows of ``src`` from ``r0``: one DMA per tile, rows of ``cols`` columns (cols*s bytes
+    per partition per transfer).  Loads U's rows of a K slab (all r columns) and a second factor's
+    R x width column slab alike."""
+    for t in range(cdiv(rows, P)):
+        tp = min(P, rows - t * P)
+        nisa.dma_copy(dst=dst[0:tp, first + t, 0:cols], src=src[r0 + t * P : r0 + t * P + tp, c0 : c0 + cols])
 
 
 def accumulate_strip_slab(u_sb, u_first, xt, bk, bm, strip, R, first_slab, acc, slot):
@@ -190,9 +191,7 @@ def stream_second_factor(y, m0, mw, strip, R, w, w_blk, out_ps, out_sb, bias_bc,
     slot = 0
     for n0 in range(0, N, block_n):
         bn = min(block_n, N - n0)
-        for rt in range(nr):
-            rp = min(P, R - rt * P)
-            nisa.dma_copy(dst=w_blk[0:rp, rt, 0:bn], src=w[rt * P : rt * P + rp, n0 : n0 + bn])
+        load_row_tiles(w, 0, R, n0, bn, w_blk, 0)
         for t0 in range(0, mw, P):
             tp = min(P, mw - t0)
             for j0 in range(0, bn, MOV):
@@ -231,9 +230,7 @@ def stream_from_fp32_strip(y, m0, bm, strip, R, w, w_blk, stage, out_ps, out_sb,
     nr = cdiv(R, P)
     for n0 in range(0, N, block_n):
         bn = min(block_n, N - n0)
-        for rt in range(nr):
-            rp = min(P, R - rt * P)
-            nisa.dma_copy(dst=w_blk[0:rp, rt, 0:bn], src=w[rt * P : rt * P + rp, n0 : n0 + bn])
+        load_row_tiles(w, 0, R, n0, bn, w_blk, 0)
         for t0 in range(0, bm, P):
             tp = min(P, bm - t0)
             if stage != None:  # noqa: E711 - NKI 0.3 compiles no `is`

@@ -20,7 +20,7 @@ from ._blocks import (
     accumulate_tiles,
     broadcast_bias,
     cdiv,
-    load_u_rows,
+    load_row_tiles,
     load_x_transposed,
     stream_from_fp32_strip,
     stream_second_factor,
@@ -353,7 +353,7 @@ def svd_mlp_kblocked(
 
     if u_resident:
         for j in range(len(ins)):
-            load_u_rows(ins[j][0], 0, K, u_rows[j], 0)
+            load_row_tiles(ins[j][0], 0, K, 0, ins[j][0].shape[1], u_rows[j], 0)
     slot = 0  # strip-slab PSUM bank
     out_slot = 0  # output PSUM bank
     row = 0  # output SBUF row
@@ -369,7 +369,7 @@ def svd_mlp_kblocked(
             for j in range(len(ins)):
                 pu = ins[j][0]
                 if u_resident == 0:
-                    load_u_rows(pu, k0, bk, u_rows[j], 0)
+                    load_row_tiles(pu, k0, bk, 0, pu.shape[1], u_rows[j], 0)
                 slot = accumulate_strip_slab(
                     u_rows[j], u_first, xt, bk, bm, sums[j], pu.shape[1], k0 == 0, acc, slot
                 )
@@ -426,9 +426,7 @@ def intermediate_block(strips, sec, bias_cols, act_fn, gated, i0, bi, bm, h, g_s
     at bf16 speed without a whole bf16 copy of the strips on chip)."""
     for j in range(len(strips)):
         R, w2, blk = strips[j][1], strips[j][2], sec[j]
-        for rt in range(cdiv(R, P)):
-            rp = min(P, R - rt * P)
-            nisa.dma_copy(dst=blk[0:rp, rt, 0:bi], src=w2[rt * P : rt * P + rp, i0 : i0 + bi])
+        load_row_tiles(w2, 0, R, i0, bi, blk, 0)
     for c0 in range(0, bm, MOV):
         cw = min(MOV, bm - c0)
         at = c0  # where the chunk lies in the moving strips

@@ -19,7 +19,7 @@ from ._blocks import (
     accumulate_strip_slab,
     broadcast_bias,
     cdiv,
-    load_u_rows,
+    load_row_tiles,
     load_x_transposed,
     stream_from_fp32_strip,
     stream_second_factor,
@@ -151,7 +151,7 @@ def xuv_kblocked(x, u, v, bias=None, block_m=512, block_k=512, block_n=1024, u_r
     bias_bc = broadcast_bias(bias, dt, out_ps[0:P, 0, 0:MOV])
 
     if u_resident:
-        load_u_rows(u, 0, K, u_sb, 0)
+        load_row_tiles(u, 0, K, 0, R, u_sb, 0)
     slot = 0
     row = 0
     for m0 in range(0, M, block_m):
@@ -162,7 +162,7 @@ def xuv_kblocked(x, u, v, bias=None, block_m=512, block_k=512, block_n=1024, u_r
             load_x_transposed(x, m0, bm, k0, bk, xt, x_rows, t_ps)
             u_first = k0 // P
             if u_resident == 0:
-                load_u_rows(u, k0, bk, u_sb, 0)
+                load_row_tiles(u, k0, bk, 0, R, u_sb, 0)
                 u_first = 0
             slot = accumulate_strip_slab(u_sb, u_first, xt, bk, bm, strip, R, k0 == 0, acc, slot)
         # step 2: Y_blk = strip^T . V, V streamed in slabs, one store per 128-token tile and slab
