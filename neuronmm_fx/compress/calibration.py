@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from neuronmm_fx.compress.factorize import gram
+from neuronmm_fx.compress.factorize import GramAccumulator
 from neuronmm_fx.compress.layerwise import release_free_memory
 from neuronmm_fx.errors import ConfigError
 
@@ -362,19 +362,12 @@ def collect_grams(
     ``hooks`` maps a caller's key to the path of a module whose first positional input is the
     tensor to whiten.  Returns the Grams and the number of token rows each one saw.
     """
-    grams: dict[object, torch.Tensor] = {}
-    rows: dict[object, int] = {}
+    grams = GramAccumulator()  # float32 products of one batch, accumulated in float64
     handles = []
     for key, path in hooks.items():
 
         def hook(module, args, key=key):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (tokens, K)
-            product = gram(x)  # float32 product of one batch ...
-            if key in grams:
-                grams[key] += product.double()  # ... accumulated in float64
-            else:
-                grams[key] = product.double()
-            rows[key] = rows.get(key, 0) + x.shape[0]
+            grams.add(key, args[0].detach())  # (…, K) -> Σ xᵀx over the tokens
 
         handles.append(model.get_submodule(path).register_forward_pre_hook(hook))
     try:
@@ -388,7 +381,7 @@ def collect_grams(
     finally:
         for handle in handles:
             handle.remove()
-    return grams, min(rows.values(), default=0)
+    return grams.grams, min(grams.tokens.values(), default=0)
 
 
 DEFAULT_TOKENS = DEFAULT_SELF_SEQUENCES * DEFAULT_SELF_LENGTH

@@ -53,6 +53,27 @@ def gram(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+class GramAccumulator:
+    """``Σ xᵀx`` per key over calibration batches: float32 products summed in float64."""
+
+    def __init__(self) -> None:
+        self.grams: dict[Hashable, torch.Tensor] = {}
+        self.tokens: dict[Hashable, int] = {}
+
+    def add(self, key: Hashable, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        product = gram(x).double()
+        if key in self.grams:
+            self.grams[key] += product
+        else:
+            self.grams[key] = product
+        self.tokens[key] = self.tokens.get(key, 0) + x.shape[0]
+
+    def mean(self, key: Hashable) -> torch.Tensor:
+        """The Gram averaged per token (the scale the sensitivity estimate needs)."""
+        return self.grams[key] / max(self.tokens[key], 1)
+
+
 class Factorizer(Protocol):
     """Turns an (in, out) weight into ``u`` (in, r) and ``v`` (r, out)."""
 

@@ -28,9 +28,9 @@ from torch import nn
 
 from neuronmm_fx.compress import layerwise
 from neuronmm_fx.compress.calibration import forward_dtype, forward_precision
-from neuronmm_fx.compress.factorize import svd_by_gram, whitening
+from neuronmm_fx.compress.factorize import GramAccumulator, svd_by_gram, whitening
 from neuronmm_fx.compress.ranks import weighted_truncation_loss
-from neuronmm_fx.compress.sequential import GramAccumulator, Job
+from neuronmm_fx.compress.sequential import Job
 
 FISHER_MICROBATCH_TOKENS = 512  # tokens per backward pass (longer rows are cut to this): bounds the
 #   activations kept for autograd.  On SmolLM2, 512-token pieces cost 0.9 GiB more peak memory than

@@ -44,7 +44,13 @@ import torch
 from torch import nn
 
 from neuronmm_fx.compress import layerwise
-from neuronmm_fx.compress.factorize import fisher_weights, gram, split_factors, whitened_svd, whitening
+from neuronmm_fx.compress.factorize import (
+    GramAccumulator,
+    fisher_weights,
+    split_factors,
+    whitened_svd,
+    whitening,
+)
 from neuronmm_fx.passes.match import Projection
 
 _FISHER_NOTE = "; output channels weighted by their Fisher information"
@@ -76,27 +82,6 @@ def install_weight(block: nn.Module, job: Job, weight_in_out: torch.Tensor) -> N
             module.weight[columns] = weight_in_out.t().to(module.weight.dtype)
         else:
             module.weight[:, columns] = weight_in_out.to(module.weight.dtype)
-
-
-class GramAccumulator:
-    """``Σ xᵀx`` per key over calibration batches: float32 products summed in float64."""
-
-    def __init__(self) -> None:
-        self.grams: dict[Hashable, torch.Tensor] = {}
-        self.tokens: dict[Hashable, int] = {}
-
-    def add(self, key: Hashable, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
-        product = gram(x).double()
-        if key in self.grams:
-            self.grams[key] += product
-        else:
-            self.grams[key] = product
-        self.tokens[key] = self.tokens.get(key, 0) + x.shape[0]
-
-    def mean(self, key: Hashable) -> torch.Tensor:
-        """The Gram averaged per token (the scale the sensitivity estimate needs)."""
-        return self.grams[key] / max(self.tokens[key], 1)
 
 
 def _holdout(batches: int) -> set[int]:
