@@ -27,12 +27,18 @@ business; here what shows is the smaller matrices and the compiler.
 
     python benchmarks/latency.py [--ratios 0.2 0.5] [--prompt-tokens 64] [--new-tokens 16]
                                  [--repeats 9] [--threads N] [--all-logits] [--freezing]
-                                 [--mlp-split] [--plot FILE.png]
+                                 [--mlp-split] [--panel-reference] [--plot FILE.png]
 
 ``--mlp-split`` adds a compiled variant whose MLPs return zeros (the rest of the model as it is),
 timed in the same rounds, and prints each compiled variant's MLP share of prefill (paired median of
 its prefill minus that variant's) against the MLP matmul FLOPs: whether the factored MLPs or the
 rest of the model keep a compressed model from its FLOP ideal.
+
+``--panel-reference`` adds, per model, a compiled variant whose *every* linear layer (attention, LM
+head, and a dense model's MLPs) is written in the column-panel form that the backend gives the
+``neuronmm`` ops' products on a CPU (``gemm_panels``, :mod:`neuronmm_fx.passes.lower`), and prints
+those variants against each other: how much of a compressed model's figure against plain compiled
+dense comes from the panels rather than from the smaller matrices.
 
 ``--freezing`` sets Inductor's inference setting ``torch._inductor.config.freezing`` for every
 compiled variant, dense and compressed alike: weights become constants, folded and prepacked for
@@ -49,6 +55,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -57,6 +64,7 @@ import neuronmm_fx  # noqa: E402
 from neuronmm_fx import backend  # noqa: E402
 from neuronmm_fx.bench import ideals as ideal_ratios  # noqa: E402
 from neuronmm_fx.bench import summarize, timed_runs  # noqa: E402
+from neuronmm_fx.passes.lower import PanelMatmul  # noqa: E402
 
 PROMPT = (
     "The tower is 324 metres tall, about the same height as an 81-storey building, and the tallest "
@@ -92,6 +100,42 @@ class _NoMLP(nn.Module):
         return torch.zeros_like(hidden)
 
 
+def _panel_linears(graph_module: fx.GraphModule) -> int:
+    """Rewrite every ``linear`` call of a Dynamo graph as ``x·Wᵀ (+ b)`` with the product in the
+    backend's column-panel form (:class:`~neuronmm_fx.passes.lower.PanelMatmul`, one panel per
+    thread); returns how many products took the panels."""
+    graph = graph_module.graph
+    tracer = fx.proxy.GraphAppendingTracer(graph)
+    matmul = PanelMatmul(torch.get_num_threads())
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not torch._C._nn.linear:
+            continue
+        x, weight, *rest = node.args
+        bias = rest[0] if rest else node.kwargs.get("bias")
+        with graph.inserting_before(node):
+            transposed = fx.Proxy(weight, tracer).t()
+            out_features, in_features = weight.meta["example_value"].shape
+            transposed.node.meta["example_value"] = torch.empty(in_features, out_features, device="meta")
+            out = matmul(fx.Proxy(x, tracer), transposed)
+            if bias is not None:
+                out = out + fx.Proxy(bias, tracer)
+        node.replace_all_uses_with(out.node)
+        graph.erase_node(node)
+    graph_module.recompile()
+    return matmul.paneled
+
+
+def _paneled(backend_name: str):
+    """A ``torch.compile`` backend: :func:`_panel_linears`, then ``backend_name``."""
+    downstream = torch._dynamo.lookup_backend(backend_name)
+
+    def compile_paneled(graph_module: fx.GraphModule, example_inputs):
+        _panel_linears(graph_module)
+        return downstream(graph_module, example_inputs)
+
+    return compile_paneled
+
+
 def _mlp_parameters(model: nn.Module) -> int:
     return sum(p.numel() for layer in model.model.layers for p in layer.mlp.parameters())
 
@@ -119,6 +163,24 @@ def _print_mlp_split(runs, models: dict[str, nn.Module], ideals: dict, dense_tot
         print(line + f" {at_dense_rate / ideals[ratio][0]:.2f} |")
 
 
+def _print_table(summary: dict, ideals: dict, baseline: str) -> None:
+    print(
+        f"\n| variant | prefill ms | × {baseline} (range) | FLOP ideal | of ideal "
+        f"| decode ms/token | × {baseline} (range) | bytes ideal | of ideal |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, latency in summary.items():
+        ratio = float(name.split()[0]) if name[0].isdigit() else None
+        flop_ideal, byte_ideal = ideals.get(ratio, (1.0, 1.0))
+        (p_low, p_high), (d_low, d_high) = latency.prefill_speedup_range, latency.decode_speedup_range
+        print(
+            f"| {name} | {latency.prefill_ms:.1f} | {latency.prefill_speedup:.2f} ({p_low:.2f}–{p_high:.2f}) "
+            f"| {flop_ideal:.2f} | {latency.prefill_speedup / flop_ideal:.2f} | {latency.decode_ms:.1f} "
+            f"| {latency.decode_speedup:.2f} ({d_low:.2f}–{d_high:.2f}) | {byte_ideal:.2f} "
+            f"| {latency.decode_speedup / byte_ideal:.2f} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.5])
@@ -137,6 +199,11 @@ def main() -> None:
     parser.add_argument("--freezing", action="store_true", help="Inductor freezing, every compiled variant")
     parser.add_argument(
         "--mlp-split", action="store_true", help="also time the model without MLPs, and split prefill"
+    )
+    parser.add_argument(
+        "--panel-reference",
+        action="store_true",
+        help="also time every model with all its linears in the panel form, against each other",
     )
     parser.add_argument("--plot", metavar="FILE.png", help="also draw the latencies (matplotlib)")
     args = parser.parse_args()
@@ -166,6 +233,8 @@ def main() -> None:
         for layer in without.model.layers:
             layer.mlp = _NoMLP()
         variants["no MLPs compiled"] = torch.compile(without)
+    if args.panel_reference:
+        variants["dense compiled, all panels"] = torch.compile(model, backend=_paneled("inductor"))
     ideals = {}
     calibration = neuronmm_fx.calibrate(model)
     backend.clear_records()
@@ -182,6 +251,10 @@ def main() -> None:
         variants[f"{ratio} eager"] = compressed
         variants[f"{ratio} compiled"] = torch.compile(compressed, backend="neuronmm")
         compiled_models[f"{ratio} compiled"] = compressed
+        if args.panel_reference:
+            variants[f"{ratio} compiled, all panels"] = torch.compile(
+                compressed, backend=_paneled("neuronmm")
+            )
         ideals[ratio] = ideal_ratios(model, compressed, config, ids.shape[1], args.logits_to_keep)
     runs, tokens = timed_runs(
         variants, config, ids, args.new_tokens, args.repeats, args.logits_to_keep, log=print
@@ -190,28 +263,18 @@ def main() -> None:
     fused = sum(r.count("svd_mlp") for r in backend.records())
     print(f"neuronmm backend: {len(backend.records())} graph(s), {fused} svd_mlp site(s), handed on {forms}")
 
-    summary = summarize(runs, baseline="dense compiled")
+    paneled = {name: run for name, run in runs.items() if name.endswith("all panels")}
+    summary = summarize({n: r for n, r in runs.items() if n not in paneled}, baseline="dense compiled")
     summary.pop("no MLPs compiled", None)
     if args.plot:
         from neuronmm_fx.plots import plot_latency
 
         plot_latency(summary, args.plot, title=f"SmolLM2-135M, {torch.get_num_threads()} threads")
         print(f"plot written to {args.plot}")
-    print(
-        "\n| variant | prefill ms | × compiled dense (range) | FLOP ideal | of ideal "
-        "| decode ms/token | × compiled dense (range) | bytes ideal | of ideal |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, latency in summary.items():
-        ratio = float(name.split()[0]) if name[0].isdigit() else None
-        flop_ideal, byte_ideal = ideals.get(ratio, (1.0, 1.0))
-        (p_low, p_high), (d_low, d_high) = latency.prefill_speedup_range, latency.decode_speedup_range
-        print(
-            f"| {name} | {latency.prefill_ms:.1f} | {latency.prefill_speedup:.2f} ({p_low:.2f}–{p_high:.2f}) "
-            f"| {flop_ideal:.2f} | {latency.prefill_speedup / flop_ideal:.2f} | {latency.decode_ms:.1f} "
-            f"| {latency.decode_speedup:.2f} ({d_low:.2f}–{d_high:.2f}) | {byte_ideal:.2f} "
-            f"| {latency.decode_speedup / byte_ideal:.2f} |"
-        )
+    _print_table(summary, ideals, "compiled dense")
+    if paneled:
+        print("\nEvery linear in the panel form, against dense compiled with all panels (a reference):")
+        _print_table(summarize(paneled, baseline="dense compiled, all panels"), ideals, "dense, all panels")
     if args.mlp_split:
         dense_prefill = statistics.median(prefill for prefill, _ in runs["dense compiled"])
         _print_mlp_split(runs, compiled_models, ideals, dense_prefill)

@@ -35,6 +35,10 @@ Options (``torch.compile(..., options={...})``):
                    only (grad mode off or weights without ``requires_grad``); a call after a weight
                    changed in place raises.  ``optimize()`` is the route for trainable factors.
 ``config_patches`` Inductor config patches (``compiler="inductor"`` only).
+``gemm_panels``    where the ops are written out on a CPU, how many column panels each product by a
+                   factor is split into, one GEMM per thread (:mod:`~neuronmm_fx.passes.lower`):
+                   ``"auto"`` (default: ``torch.get_num_threads()`` on a CPU, 1 elsewhere) or a
+                   positive int; 1 writes plain ``mm``.
 
 Every compiled graph leaves a :class:`~neuronmm_fx.report.GraphRecord` in :func:`records` (what was
 found, rewritten and left alone, the graph before and after), so graph breaks cannot lose matches silently.
@@ -74,7 +78,7 @@ from neuronmm_fx.report import GraphRecord, SiteReport, SkippedSite, matrix_repo
 log = logging.getLogger("neuronmm_fx.backend")
 
 COMPILERS = ("inductor", "eager", "neuron")
-OPTION_KEYS = ("compiler", "dump_dir", "ratio", "block", "allocation", "config_patches")
+OPTION_KEYS = ("compiler", "dump_dir", "ratio", "block", "allocation", "config_patches", "gemm_panels")
 MAX_RECORDS = 512
 NO_CALIBRATION = (
     "plain truncated SVD: whitening and measured sensitivity need calibration data, which a compile "
@@ -98,6 +102,7 @@ class BackendOptions:
     ratio: float | None = None
     compression: OptimizeConfig = OptimizeConfig(method="svd", allocation="uniform", verify=False)
     config_patches: dict | None = None
+    gemm_panels: int | str = "auto"
 
     @property
     def block(self) -> int:
@@ -126,13 +131,25 @@ class BackendOptions:
         if patches is not None and (not isinstance(patches, dict) or compiler != "inductor"):
             raise ConfigError("options['config_patches'] must be a dict and needs compiler='inductor'")
         dump_dir = options.get("dump_dir")
+        panels = options.get("gemm_panels", "auto")
+        if panels != "auto" and (not isinstance(panels, int) or isinstance(panels, bool) or panels < 1):
+            raise ConfigError(f"options['gemm_panels'] must be 'auto' or a positive int, got {panels!r}")
         return cls(
             compiler,
             Path(dump_dir) if dump_dir is not None else None,
             None if ratio is None else compression.ratio,
             compression,
             patches,
+            panels,
         )
+
+    def panels_for(self, example_inputs: Sequence) -> int:
+        """Column panels per product by a factor: ``gemm_panels``, with "auto" resolved to the
+        intra-op thread count when every example tensor is on the CPU, else 1."""
+        if self.gemm_panels != "auto":
+            return self.gemm_panels
+        devices = {t.device.type for t in example_inputs if isinstance(t, torch.Tensor)}
+        return torch.get_num_threads() if devices <= {"cpu"} else 1
 
 
 # --- records ---------------------------------------------------------------------------------------
@@ -420,7 +437,9 @@ def neuronmm_backend(
     record.form, record.form_reason = op_form(opts.compiler, example_inputs)
     record.handed, lowered = record.after, None
     if record.op_counts and record.form == "decomposed":
-        record.joint_first = Lower()(gm).joint
+        record.gemm_panels = opts.panels_for(example_inputs)
+        result = Lower(record.gemm_panels)(gm)
+        record.joint_first, record.paneled, record.whole = result.joint, result.paneled, result.whole
         lowered = dump.snapshot(gm.graph)
         record.handed = dump.to_text(
             lowered, f"graph {record.index:03d}: handed to {opts.compiler}, ops written out"

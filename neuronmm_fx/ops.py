@@ -78,30 +78,52 @@ def _check_projection(
     return out_features
 
 
+Matmul = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def float32_matmul(left: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``left·weight`` in float32 (``left`` already float32): how the references multiply by a factor.
+    :mod:`neuronmm_fx.passes.lower` may pass another :data:`Matmul` with the same products."""
+    return left @ weight.float()
+
+
 def _project(
-    x32: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None, bias: torch.Tensor | None
+    x32: torch.Tensor,
+    u: torch.Tensor,
+    v: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    matmul: Matmul = float32_matmul,
 ) -> torch.Tensor:
     """``x32·u·v + bias`` in float32 (``x32`` already float32)."""
-    return _finish(x32 @ u.float(), v, bias)
+    return _finish(matmul(x32, u), v, bias, matmul)
 
 
-def _finish(first: torch.Tensor, v: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+def _finish(
+    first: torch.Tensor,
+    v: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    matmul: Matmul = float32_matmul,
+) -> torch.Tensor:
     """``first·v + bias`` in float32, ``first`` being ``x·u`` (float32)."""
     if v is not None:
-        first = first @ v.float()
+        first = matmul(first, v)
     if bias is not None:
         first = first + bias.float()
     return first
 
 
 def xuv_reference(
-    x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    matmul: Matmul = float32_matmul,
 ) -> torch.Tensor:
     """PyTorch semantics of ``neuronmm::xuv``: float32 accumulation, result in ``x.dtype``.
 
     Written with tensor methods only, so that it also traces on ``torch.fx`` proxies
-    (:mod:`neuronmm_fx.passes.lower` inlines it into graphs)."""
-    return _project(x.float(), u, v, bias).type_as(x)
+    (:mod:`neuronmm_fx.passes.lower` inlines it into graphs).  ``matmul`` multiplies by one factor."""
+    return _project(x.float(), u, v, bias, matmul).type_as(x)
 
 
 def svd_mlp_reference(
@@ -117,25 +139,27 @@ def svd_mlp_reference(
     down_bias: torch.Tensor | None,
     activation: str,
     joint_first: tuple[torch.Tensor, int] | None = None,
+    matmul: Matmul = float32_matmul,
 ) -> torch.Tensor:
     """PyTorch semantics of ``neuronmm::svd_mlp``: float32 accumulation, result in ``x.dtype`` (traces
     on ``torch.fx`` proxies too, as :func:`xuv_reference`).
 
     ``joint_first``, for the gated form, is ``([act_u | up_u], r_act)``: the two first factors as the
     column blocks of one (K, r_act + r_up) matrix, read against ``x`` in one GEMM whose result is
-    split in two.  Each output column is the same float32 dot product either way."""
+    split in two.  Each output column is the same float32 dot product either way.  ``matmul``
+    multiplies by one factor (:func:`float32_matmul` unless a lowering passes another)."""
     x32 = x.float()
     if joint_first is not None and up_u is not None:
         joint, act_rank = joint_first
-        both = x32 @ joint.float()  # (..., r_act + r_up)
+        both = matmul(x32, joint)  # (..., r_act + r_up)
         act_first, up_first = both[..., :act_rank], both[..., act_rank:]
-        hidden = apply_activation(activation, _finish(act_first, act_v, act_bias))  # (..., I)
-        hidden = hidden * _finish(up_first, up_v, up_bias)
+        hidden = apply_activation(activation, _finish(act_first, act_v, act_bias, matmul))  # (..., I)
+        hidden = hidden * _finish(up_first, up_v, up_bias, matmul)
     else:
-        hidden = apply_activation(activation, _project(x32, act_u, act_v, act_bias))  # (..., I)
+        hidden = apply_activation(activation, _project(x32, act_u, act_v, act_bias, matmul))  # (..., I)
         if up_u is not None:
-            hidden = hidden * _project(x32, up_u, up_v, up_bias)
-    return _project(hidden, down_u, down_v, down_bias).type_as(x)
+            hidden = hidden * _project(x32, up_u, up_v, up_bias, matmul)
+    return _project(hidden, down_u, down_v, down_bias, matmul).type_as(x)
 
 
 def joint_columns(left: torch.Tensor | None, right: torch.Tensor | None) -> tuple[torch.Tensor, int] | None:

@@ -265,6 +265,9 @@ class GraphRecord:
     form: str = "opaque"  # how they were handed downstream: "opaque" (whole ops) or "decomposed" (ATen)
     form_reason: str = ""
     joint_first: int = 0  # decomposed gated MLPs reading x against [U_gate | U_up] in one GEMM
+    gemm_panels: int = 1  # column panels asked of each decomposed product by a factor
+    paneled: int = 0  # decomposed products written as one batched GEMM over those panels
+    whole: Counter = field(default_factory=Counter)  # reason -> decomposed products left one mm
     frozen_inputs: int = 0  # factors computed at compile time and passed as extra inputs (ratio=)
     factorization: str = ""  # how dense matrices were factored (said once per graph)
     before: str = ""
@@ -283,6 +286,13 @@ class GraphRecord:
             lines.append(f"  handed on {self.form}: {self.form_reason}")
         if self.joint_first:
             lines.append(f"  {self.joint_first} gated MLP(s): gate and up first factors in one GEMM")
+        if self.paneled or self.whole:
+            total = self.paneled + sum(self.whole.values())
+            lines.append(
+                f"  {self.paneled} of {total} product(s) by a factor on {self.gemm_panels} column "
+                "panels, one GEMM per thread"
+            )
+            lines += [f"    {count} one mm: {reason}" for reason, count in sorted(self.whole.items())]
         if self.existing:
             found = ", ".join(f"{n} x{c}" for n, c in sorted(self.existing.items()))
             lines.append(f"  already in the graph: {found}")

@@ -89,7 +89,7 @@ def tiny_model(name: str, seed: int = 0) -> nn.Module:
     return model_class(config).eval()
 
 
-def tiny_decoder(kind: str = "llama", seed: int = 0) -> nn.Module:
+def tiny_decoder(kind: str = "llama", seed: int = 0, intermediate_size: int = 160) -> nn.Module:
     """A 2-layer LLaMA or Qwen3 with intermediate size 160 (ranks of 8-blocks leave room) and 128 tokens."""
     import transformers as T
 
@@ -98,7 +98,7 @@ def tiny_decoder(kind: str = "llama", seed: int = 0) -> nn.Module:
         "qwen3": (T.Qwen3ForCausalLM, T.Qwen3Config, {"head_dim": 16}),
     }[kind]
     config = config_class(
-        **_decoder(vocab_size=128, intermediate_size=160, max_position_embeddings=64), **extra
+        **_decoder(vocab_size=128, intermediate_size=intermediate_size, max_position_embeddings=64), **extra
     )
     torch.manual_seed(seed)
     return model_class(config).eval()

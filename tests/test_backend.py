@@ -6,6 +6,7 @@ import copy
 import re
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from neuronmm_fx.frontends import dynamo
 from neuronmm_fx.kernels.dispatch import use_standin_kernels
 from neuronmm_fx.modules import CompressedMLP
 from neuronmm_fx.passes.ir import clean_module_path
+from neuronmm_fx.passes.lower import FLAT_INPUT, Lower, PanelMatmul, float32_matmul
 
 EAGER = {"compiler": "eager"}
 
@@ -111,10 +113,90 @@ def test_optimized_model_compiles_with_its_ops_written_out_where_no_kernel_imple
     assert "handed on decomposed" in record.summary()
 
 
-def _generated_code(model) -> tuple[torch.Tensor, str]:
+def _generated_code(model, options: dict | None = None) -> tuple[torch.Tensor, str]:
     with torch.no_grad():
-        out, codes = run_and_get_code(torch.compile(model, backend="neuronmm"), IDS)
+        out, codes = run_and_get_code(torch.compile(model, backend="neuronmm", options=options), IDS)
     return out.logits, "\n".join(codes)
+
+
+def wide_llama() -> nn.Module:
+    """Tiny LLaMA compressed with an intermediate size of 512: per MLP, the gate and up second factors
+    (r, 512) split into two column panels of 256; [U_gate | U_up] (64, 2r), U_down (512, r) and
+    V_down (r, 64) are narrower than two panels of 128."""
+    model = tiny_decoder(intermediate_size=512)
+    return neuronmm_fx.optimize(model, ratio=0.05, block=8, method="svd", allocation="uniform")
+
+
+@pytest.mark.parametrize("panels", [2, 1])
+def test_lowered_products_by_wide_factors_take_one_column_panel_per_thread(panels):
+    model = wide_llama()
+    expected = logits(model)
+    got = logits(torch.compile(model, backend="neuronmm", options={**EAGER, "gemm_panels": panels}))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    (record,) = backend.records()
+    assert record.gemm_panels == panels
+    bmm_calls = record.handed.count("call_function[bmm]")
+    if panels == 2:  # 2 MLPs: V_gate and V_up on panels, the 3 narrower products one mm each
+        assert (record.paneled, bmm_calls) == (4, 4)
+        assert sum(record.whole.values()) == 6
+        assert all(reason.endswith("do not make 2 panels of at least 128") for reason in record.whole)
+    else:
+        assert (record.paneled, bmm_calls) == (0, 0)
+        assert record.whole == Counter({"one panel asked": 10})
+    assert f"{record.paneled} of 10 product(s) by a factor on {panels} column panels" in record.summary()
+
+
+def test_inductor_runs_the_panel_products_on_views_of_the_factors():
+    model = wide_llama()
+    expected = logits(model)
+    got, code = _generated_code(model, {"gemm_panels": 2})
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # each V (r, 512) is read in place as (2, r, 256) panels: a strided view of the argument, no copy
+    views = re.findall(r"extern_kernels\.bmm\(.*?reinterpret_tensor\((arg\d+_1), \(2, \d+, 256\)", code)
+    assert len(views) == 4, views
+    fused = re.findall(r"\b(cpp_fused_\w+)\s*=\s*async_compile", code)
+    assert any("silu" in name and "mul" in name for name in fused), fused
+    assert "neuronmm" not in code
+
+
+def test_lower_writes_one_mm_and_says_why_where_x_has_no_known_shape():
+    class Chain(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.u = nn.Parameter(torch.randn(64, 8))
+            self.v = nn.Parameter(torch.randn(8, 512))  # wide enough for 2 panels
+
+        def forward(self, x):
+            return torch.ops.neuronmm.xuv(x, self.u, self.v, None)
+
+    chain = Chain()
+    graph_module = torch.fx.symbolic_trace(chain)  # no example values on the nodes
+    result = Lower(2)(graph_module)
+    assert result.lowered == Counter({"neuronmm::xuv": 1})
+    assert result.paneled == 0 and result.whole == Counter({FLAT_INPUT: 2})
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(graph_module(x), x @ chain.u @ chain.v)
+    with pytest.raises(ValueError, match="panels must be a positive int"):
+        Lower(0)
+
+
+def test_panel_matmul_is_the_same_product_for_any_leading_dimensions_and_weight_dtype():
+    torch.manual_seed(0)
+    left = torch.randn(2, 3, 40)  # (batch, tokens, K), float32 as the references pass it
+    weight = torch.randn(40, 24).bfloat16()
+    matmul = PanelMatmul(3, min_width=8)
+    got = matmul(left, weight)  # 3 panels of 8 columns
+    assert got.shape == (2, 3, 24) and got.dtype == torch.float32
+    torch.testing.assert_close(got, float32_matmul(left, weight), rtol=1e-6, atol=1e-5)
+    assert matmul.paneled == 1 and not matmul.whole
+    narrow = PanelMatmul(3, min_width=16)
+    torch.testing.assert_close(narrow(left, weight), float32_matmul(left, weight))
+    uneven = PanelMatmul(3, min_width=4)
+    uneven(left, weight[:, :20])
+    assert narrow.whole == Counter({"24 columns do not make 3 panels of at least 16": 1})
+    assert uneven.whole == Counter({"20 columns do not make 3 panels of at least 4": 1})
+    assert narrow.paneled == uneven.paneled == 0
 
 
 def test_inductor_computes_the_activation_and_gate_up_product_in_a_generated_kernel():
@@ -293,6 +375,19 @@ def test_unknown_option_and_missing_neuron_compiler_are_refused():
         torch.compile(lin, backend="neuronmm", options={"compiler": "neuron"})(torch.randn(2, 4))
     with pytest.raises(neuronmm_fx.ConfigError, match="ratio"):
         backend.BackendOptions.from_dict({"ratio": 1.5})
+    for bad in (0, -2, True, "two", 1.5):
+        with pytest.raises(
+            neuronmm_fx.ConfigError, match=r"options\['gemm_panels'\] must be 'auto' or a positive"
+        ):
+            backend.BackendOptions.from_dict({"gemm_panels": bad})
+
+
+def test_gemm_panels_auto_is_the_thread_count_on_a_cpu_and_one_elsewhere():
+    auto = backend.BackendOptions.from_dict({})
+    assert auto.gemm_panels == "auto"
+    assert auto.panels_for([torch.zeros(2), 3]) == torch.get_num_threads()
+    assert auto.panels_for([torch.zeros(2), torch.zeros(2, device="meta")]) == 1
+    assert backend.BackendOptions.from_dict({"gemm_panels": 3}).panels_for([torch.zeros(2)]) == 3
 
 
 def test_source_paths_are_cleaned():

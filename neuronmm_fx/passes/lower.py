@@ -17,26 +17,103 @@ along its columns (as :class:`~neuronmm_fx.modules.CompressedMLP` passes them) i
 GEMM against that matrix, ``x·[U_gate | U_up]``, whose result is split in two; the split that fed
 the op goes away with it.
 
+With ``panels`` > 1 (the compile backend passes the CPU's thread count), each product by a factor
+``left (tokens, K) · w (K, N)`` whose N splits into ``panels`` column panels of at least
+:data:`MIN_PANEL_WIDTH` columns is written as one batched GEMM, ``bmm(left, w`` viewed as
+``(panels, K, N / panels))``, so that each thread runs one whole GEMM on its own panel instead of
+MKL splitting one small GEMM between threads.  On the 2-core CPU this project measures on, the panel
+form ran every product it is picked for at 0.99–1.6× one ``mm``'s rate (``benchmarks/gemm_panels.py``)
+and took the 0.5-ratio SmolLM2's compiled prefill from 0.84 to 0.88–0.93 of its FLOP ideal
+(``docs/compile.md``).  The panels are views of the factor (no copy); each output column is still one
+float32 dot product over K, only MKL's blocking of it may differ.  Narrower products stay one ``mm``,
+and so does every product of an op whose ``x`` has fewer than two known dimensions.
+
 Guarantees: no ``neuronmm`` op is left; the graph computes the op's reference, operation for
-operation (float32 accumulation whatever the input dtype); nothing else in the graph changes.
+operation (float32 accumulation whatever the input dtype), up to the panel form of its matmuls;
+nothing else in the graph changes.
 """
 
 from __future__ import annotations
 
 import operator
 from collections import Counter
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 import torch.fx as fx
 
-from neuronmm_fx.ops import svd_mlp_reference, xuv_reference
+from neuronmm_fx.ops import float32_matmul, svd_mlp_reference, xuv_reference
 from neuronmm_fx.passes import CheckedPass, PassCheckError
 from neuronmm_fx.passes.ir import neuronmm_op
 
 REFERENCES = {"neuronmm::xuv": xuv_reference, "neuronmm::svd_mlp": svd_mlp_reference}
 SPLIT_FUNCTIONS = (torch.split, torch.functional.split, torch.Tensor.split)
 ACT_U, UP_U = 1, 4  # positions of the gate and up first factors in svd_mlp's arguments
+MIN_PANEL_WIDTH = 128  # narrower panels measured slower than one mm (a rank-128 factor on 2 panels)
+FLAT_INPUT = "x has fewer than two known dimensions"
+
+
+def static_width(weight: torch.Tensor | fx.Proxy | fx.Node) -> int | None:
+    """A factor's column count N: a tensor's own, a traced one's from its node's example value
+    (Dynamo's or AOT's); None if unknown."""
+    if isinstance(weight, torch.Tensor):
+        value = weight
+    else:
+        node = weight.node if isinstance(weight, fx.Proxy) else weight
+        value = node.meta.get("val", node.meta.get("example_value"))
+    shape = getattr(value, "shape", None)
+    if shape is None or len(shape) != 2 or not isinstance(shape[1], int):
+        return None
+    return shape[1]
+
+
+class PanelMatmul:
+    """A :data:`~neuronmm_fx.ops.Matmul` for traced references: ``left·weight`` in float32, as one
+    batched GEMM over ``panels`` column panels of ``weight`` where each panel has at least
+    ``min_width`` columns, else as one ``mm``.  Counts the products in each form, and why one stayed
+    whole."""
+
+    def __init__(self, panels: int, min_width: int = MIN_PANEL_WIDTH) -> None:
+        self.panels, self.min_width = panels, min_width
+        self.paneled = 0
+        self.whole: Counter = Counter()  # reason -> products left one mm
+
+    def whole_reason(self, width: int | None) -> str | None:
+        """Why a product with ``width`` output columns stays one mm; None if it takes the panels."""
+        if self.panels == 1:
+            return "one panel asked"
+        if width is None:
+            return "factor width unknown"
+        if width % self.panels or width // self.panels < self.min_width:
+            return f"{width} columns do not make {self.panels} panels of at least {self.min_width}"
+        return None
+
+    def __call__(self, left: torch.Tensor | fx.Proxy, weight: torch.Tensor | fx.Proxy):
+        reason = self.whole_reason(static_width(weight))
+        if reason is not None:
+            self.whole[reason] += 1
+            return float32_matmul(left, weight)
+        self.paneled += 1
+        return panel_matmul(left, weight, self.panels)
+
+    def whole_for(self, reason: str) -> Callable:
+        """A matmul that writes one ``mm`` and counts it under ``reason``."""
+
+        def matmul(left, weight):
+            self.whole[reason] += 1
+            return float32_matmul(left, weight)
+
+        return matmul
+
+
+def panel_matmul(left, weight, panels: int):
+    """``left (..., K) · weight (K, N)`` in float32 as one batched GEMM over ``panels`` column panels
+    of ``weight`` (N divisible by ``panels``); the panels are views of ``weight``."""
+    tokens = left.flatten(0, -2)  # (tokens, K)
+    blocks = weight.float().unflatten(1, (panels, -1)).transpose(0, 1)  # (panels, K, N/panels)
+    out = torch.bmm(tokens.expand(panels, -1, -1), blocks)  # (panels, tokens, N/panels)
+    return out.transpose(0, 1).flatten(1).unflatten(0, left.shape[:-1])  # (..., N)
 
 
 def _split_part(node) -> tuple[fx.Node, int] | None:
@@ -75,6 +152,12 @@ def joint_first(node: fx.Node) -> tuple[fx.Node, int] | None:
     return gate_tensor, int(gate_sizes[0])
 
 
+def _rank(node) -> int:
+    """Dimensions of ``node``'s example value; 0 where unknown."""
+    value = node.meta.get("val", node.meta.get("example_value")) if isinstance(node, fx.Node) else None
+    return len(getattr(value, "shape", ()))
+
+
 def _erase_if_unused(graph: fx.Graph, nodes: list) -> None:
     for node in nodes:
         if isinstance(node, fx.Node) and not node.users:
@@ -86,13 +169,24 @@ class LowerResult(NamedTuple):
     modified: bool
     lowered: Counter  # op name -> calls written out
     joint: int  # gated MLPs written with one GEMM for their gate and up first factors
+    paneled: int  # products by a factor written as a batched GEMM over column panels
+    whole: Counter  # reason -> products by a factor left one mm
 
 
 class Lower(CheckedPass):
+    """Write every ``neuronmm`` op out as ATen; ``panels`` column panels per product where they fit
+    (1: plain ``mm`` everywhere)."""
+
+    def __init__(self, panels: int = 1) -> None:
+        if not isinstance(panels, int) or isinstance(panels, bool) or panels < 1:
+            raise ValueError(f"Lower: panels must be a positive int, got {panels!r}")
+        self.panels = panels
+
     def call(self, graph_module: fx.GraphModule) -> LowerResult:
         graph = graph_module.graph
         lowered: Counter = Counter()
         tracer = fx.proxy.GraphAppendingTracer(graph)
+        matmul = PanelMatmul(self.panels)
 
         def as_proxy(value: fx.Node) -> fx.Proxy:
             return fx.Proxy(value, tracer)
@@ -108,6 +202,8 @@ class Lower(CheckedPass):
                 kwargs = dict(fx.node.map_arg(node.kwargs, as_proxy))
                 if joint is not None:
                     kwargs["joint_first"] = (as_proxy(joint[0]), joint[1])
+                # the panel form flattens x's leading dimensions
+                kwargs["matmul"] = matmul if _rank(node.args[0]) >= 2 else matmul.whole_for(FLAT_INPUT)
                 result = REFERENCES[name](*args, **kwargs).node
             result.meta.update(node.meta)  # shape and dtype, for the downstream compiler
             node.replace_all_uses_with(result)
@@ -119,7 +215,7 @@ class Lower(CheckedPass):
             joint_count += joint is not None
         if lowered:
             graph_module.recompile()
-        return LowerResult(graph_module, bool(lowered), lowered, joint_count)
+        return LowerResult(graph_module, bool(lowered), lowered, joint_count, matmul.paneled, matmul.whole)
 
     def check(self, graph_module: fx.GraphModule) -> None:
         left = [node.name for node in graph_module.graph.nodes if neuronmm_op(node) is not None]
