@@ -148,8 +148,7 @@ class BackendOptions:
         intra-op thread count when every example tensor is on the CPU, else 1."""
         if self.gemm_panels != "auto":
             return self.gemm_panels
-        devices = {t.device.type for t in example_inputs if isinstance(t, torch.Tensor)}
-        return torch.get_num_threads() if devices <= {"cpu"} else 1
+        return torch.get_num_threads() if devices(example_inputs) == {"cpu"} else 1
 
 
 # --- records ---------------------------------------------------------------------------------------
@@ -267,6 +266,11 @@ class DynamoOperands(OperandSource):
 # --- the rewrite -------------------------------------------------------------------------------------
 
 
+def devices(example_inputs: Sequence) -> set[str]:
+    """The device types of a graph's example tensors ({"cpu"} for a graph without any)."""
+    return {t.device.type for t in example_inputs if isinstance(t, torch.Tensor)} or {"cpu"}
+
+
 def op_form(compiler: str, example_inputs: Sequence) -> tuple[str, str]:
     """Whether the ``neuronmm`` ops go downstream whole ("opaque") or written out as ATen
     ("decomposed", :mod:`~neuronmm_fx.passes.lower`), and why: whole only where a kernel implements
@@ -275,10 +279,10 @@ def op_form(compiler: str, example_inputs: Sequence) -> tuple[str, str]:
         return "opaque", "the Neuron compiler receives the ops whole: the NKI kernels implement them"
     if dispatch.active_mode() == "standin":
         return "opaque", "the NKI stand-in kernels are active: the ops stay whole so that they call them"
-    devices = sorted({t.device.type for t in example_inputs if isinstance(t, torch.Tensor)}) or ["cpu"]
     return "decomposed", (
-        f"no kernel implements the neuronmm ops on {'/'.join(devices)}: written out as ATen so that "
-        f"{compiler} fuses activation, product, biases and casts around the matmuls"
+        f"no kernel implements the neuronmm ops on {'/'.join(sorted(devices(example_inputs)))}: "
+        f"written out as ATen so that {compiler} fuses activation, product, biases and casts around "
+        "the matmuls"
     )
 
 

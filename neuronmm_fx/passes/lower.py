@@ -54,14 +54,18 @@ MIN_PANEL_WIDTH = 128  # narrower panels measured slower than one mm (a rank-128
 FLAT_INPUT = "x has fewer than two known dimensions"
 
 
+def _example_value(node):
+    """The example value a traced node carries (AOT's ``val`` or Dynamo's ``example_value``), or None."""
+    return node.meta.get("val", node.meta.get("example_value")) if isinstance(node, fx.Node) else None
+
+
 def static_width(weight: torch.Tensor | fx.Proxy | fx.Node) -> int | None:
-    """A factor's column count N: a tensor's own, a traced one's from its node's example value
-    (Dynamo's or AOT's); None if unknown."""
+    """A factor's column count N: a tensor's own, a traced one's from its node's example value;
+    None if unknown."""
     if isinstance(weight, torch.Tensor):
         value = weight
     else:
-        node = weight.node if isinstance(weight, fx.Proxy) else weight
-        value = node.meta.get("val", node.meta.get("example_value"))
+        value = _example_value(weight.node if isinstance(weight, fx.Proxy) else weight)
     shape = getattr(value, "shape", None)
     if shape is None or len(shape) != 2 or not isinstance(shape[1], int):
         return None
@@ -154,8 +158,7 @@ def joint_first(node: fx.Node) -> tuple[fx.Node, int] | None:
 
 def _rank(node) -> int:
     """Dimensions of ``node``'s example value; 0 where unknown."""
-    value = node.meta.get("val", node.meta.get("example_value")) if isinstance(node, fx.Node) else None
-    return len(getattr(value, "shape", ()))
+    return len(getattr(_example_value(node), "shape", ()))
 
 
 def _erase_if_unused(graph: fx.Graph, nodes: list) -> None:
