@@ -140,6 +140,11 @@ def _mlp_parameters(model: nn.Module) -> int:
     return sum(p.numel() for layer in model.model.layers for p in layer.mlp.parameters())
 
 
+def _ratio_of(variant: str) -> float | None:
+    """The compression ratio a variant's name starts with ("0.5 compiled" -> 0.5); None for dense."""
+    return float(variant.split()[0]) if variant[0].isdigit() else None
+
+
 def _print_mlp_split(runs, models: dict[str, nn.Module], ideals: dict, dense_total: float) -> None:
     """Each compiled variant's MLP part of prefill (paired against the MLP-less model) and its FLOPs."""
     rest = [prefill for prefill, _ in runs["no MLPs compiled"]]
@@ -155,7 +160,7 @@ def _print_mlp_split(runs, models: dict[str, nn.Module], ideals: dict, dense_tot
         mlp = statistics.median(p - r for (p, _), r in zip(runs[name], rest, strict=True))
         flops = _mlp_parameters(model) / _mlp_parameters(models["dense compiled"])
         line = f"| {name} | {mlp * 1e3:.1f} | {flops:.3f} | {mlp / dense_mlp:.3f} |"
-        ratio = float(name.split()[0]) if name[0].isdigit() else None
+        ratio = _ratio_of(name)
         if ratio is None:
             print(line + " |")
             continue
@@ -170,7 +175,7 @@ def _print_table(summary: dict, ideals: dict, baseline: str) -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, latency in summary.items():
-        ratio = float(name.split()[0]) if name[0].isdigit() else None
+        ratio = _ratio_of(name)
         flop_ideal, byte_ideal = ideals.get(ratio, (1.0, 1.0))
         (p_low, p_high), (d_low, d_high) = latency.prefill_speedup_range, latency.decode_speedup_range
         print(

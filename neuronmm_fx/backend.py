@@ -62,7 +62,7 @@ import torch.fx as fx
 from neuronmm_fx import ops  # noqa: F401  (registers the neuronmm custom ops)
 from neuronmm_fx.compress.factorize import CompressedProjection, all_dense, compress_site
 from neuronmm_fx.compress.strategy import plan
-from neuronmm_fx.config import OptimizeConfig
+from neuronmm_fx.config import OptimizeConfig, is_positive_int
 from neuronmm_fx.debug import dump
 from neuronmm_fx.errors import ConfigError
 from neuronmm_fx.frontends import dynamo
@@ -132,7 +132,7 @@ class BackendOptions:
             raise ConfigError("options['config_patches'] must be a dict and needs compiler='inductor'")
         dump_dir = options.get("dump_dir")
         panels = options.get("gemm_panels", "auto")
-        if panels != "auto" and (not isinstance(panels, int) or isinstance(panels, bool) or panels < 1):
+        if panels != "auto" and not is_positive_int(panels):
             raise ConfigError(f"options['gemm_panels'] must be 'auto' or a positive int, got {panels!r}")
         return cls(
             compiler,

@@ -16,6 +16,12 @@ ALLOCATIONS = ("global", "uniform")
 CALIBRATION_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
+def is_positive_int(value) -> bool:
+    """Whether ``value`` is a Python ``int`` above zero (``True`` is not a count).  The options of
+    :class:`OptimizeConfig` below accept any ``numbers.Integral`` instead."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 @dataclass(frozen=True)
 class OptimizeConfig:
     """What to compress and how.

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from neuronmm_fx.compress.factorize import GramAccumulator
 from neuronmm_fx.compress.layerwise import release_free_memory
+from neuronmm_fx.config import is_positive_int
 from neuronmm_fx.errors import ConfigError
 
 DEFAULT_SELF_SEQUENCES = 128  # sampled sequences a causal LM writes for itself ...
@@ -405,7 +406,7 @@ def calibrate(
     over ratios pays for generation and measurement once.
     """
     for name, value in (("tokens", tokens), ("seq_len", seq_len)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        if not is_positive_int(value):
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     if isinstance(data, Calibration):
         data.check_model(model)

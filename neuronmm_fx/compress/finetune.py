@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from neuronmm_fx.config import is_positive_int
 from neuronmm_fx.errors import ConfigError
 from neuronmm_fx.modules import CompressedMLP, LowRankLinear
 
@@ -50,7 +51,7 @@ class FinetuneConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps <= 0:
+        if not is_positive_int(self.steps):
             raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")

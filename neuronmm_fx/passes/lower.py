@@ -35,6 +35,7 @@ nothing else in the graph changes.
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections import Counter
 from collections.abc import Callable
@@ -43,6 +44,7 @@ from typing import NamedTuple
 import torch
 import torch.fx as fx
 
+from neuronmm_fx.config import is_positive_int
 from neuronmm_fx.ops import float32_matmul, svd_mlp_reference, xuv_reference
 from neuronmm_fx.passes import CheckedPass, PassCheckError
 from neuronmm_fx.passes.ir import neuronmm_op
@@ -96,19 +98,17 @@ class PanelMatmul:
     def __call__(self, left: torch.Tensor | fx.Proxy, weight: torch.Tensor | fx.Proxy):
         reason = self.whole_reason(static_width(weight))
         if reason is not None:
-            self.whole[reason] += 1
-            return float32_matmul(left, weight)
+            return self._one_mm(reason, left, weight)
         self.paneled += 1
         return panel_matmul(left, weight, self.panels)
 
     def whole_for(self, reason: str) -> Callable:
         """A matmul that writes one ``mm`` and counts it under ``reason``."""
+        return functools.partial(self._one_mm, reason)
 
-        def matmul(left, weight):
-            self.whole[reason] += 1
-            return float32_matmul(left, weight)
-
-        return matmul
+    def _one_mm(self, reason: str, left, weight):
+        self.whole[reason] += 1
+        return float32_matmul(left, weight)
 
 
 def panel_matmul(left, weight, panels: int):
@@ -181,7 +181,7 @@ class Lower(CheckedPass):
     (1: plain ``mm`` everywhere)."""
 
     def __init__(self, panels: int = 1) -> None:
-        if not isinstance(panels, int) or isinstance(panels, bool) or panels < 1:
+        if not is_positive_int(panels):
             raise ValueError(f"Lower: panels must be a positive int, got {panels!r}")
         self.panels = panels
 
