@@ -382,6 +382,22 @@ def test_unknown_option_and_missing_neuron_compiler_are_refused():
             backend.BackendOptions.from_dict({"gemm_panels": bad})
 
 
+def test_a_refused_gemm_panels_option_leaves_the_compressed_model_as_it_was():
+    model = neuronmm_fx.optimize(tiny_llama(), ratio=0.05, block=8, method="svd", allocation="uniform")
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    modules_before = [(name, type(module)) for name, module in model.named_modules()]
+    expected = logits(model)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"options\['gemm_panels'\] must be 'auto' or a positive int, got 0"):
+        logits(torch.compile(model, backend="neuronmm", options={"gemm_panels": 0}))
+    torch._dynamo.reset()
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[name], tensor) for name, tensor in before.items())
+    assert [(name, type(module)) for name, module in model.named_modules()] == modules_before
+    assert torch.equal(logits(model), expected)
+
+
 def test_gemm_panels_auto_is_the_thread_count_on_a_cpu_and_one_elsewhere():
     auto = backend.BackendOptions.from_dict({})
     assert auto.gemm_panels == "auto"
